@@ -1,0 +1,52 @@
+# ocpp-edge — every target sets up what it needs on a fresh Debian/Ubuntu machine.
+#   make run    run the gateway in the foreground with etc/ocpp-edge.dev.conf
+#   make test   run the test suite (newest libraries)
+#   make test-bookworm   the same suite on Debian bookworm's library versions
+#   make bench  benchmarks (figures go to BENCHMARKS.md by hand)
+
+PYTHON ?= python3
+VENV ?= .venv
+BOOKWORM_VENV ?= .venv-bookworm
+PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test test-bookworm bench venv mosquitto lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+$(BOOKWORM_VENV)/.installed: pyproject.toml constraints/bookworm.txt
+	$(PYTHON) -m venv $(BOOKWORM_VENV)
+	$(BOOKWORM_VENV)/bin/pip install -q --upgrade pip
+	$(BOOKWORM_VENV)/bin/pip install -q -c constraints/bookworm.txt -e '.[test]'
+	touch $@
+
+# Integration tests start their own Mosquitto; install it from Debian when missing.
+mosquitto:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
+	  echo "installing mosquitto (apt)"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mosquitto; }
+
+run: venv
+	$(VENV)/bin/ocpp-edge --config etc/ocpp-edge.dev.conf
+
+test: venv mosquitto
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-bookworm: $(BOOKWORM_VENV)/.installed mosquitto
+	$(BOOKWORM_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: venv mosquitto
+	$(VENV)/bin/python bench/run.py
+
+lint: venv
+	$(VENV)/bin/pip install -q ruff
+	$(VENV)/bin/ruff check ocpp_edge tests
+
+clean:
+	rm -rf $(VENV) $(BOOKWORM_VENV) .pytest_cache .hypothesis *.egg-info

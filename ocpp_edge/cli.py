@@ -1,0 +1,77 @@
+"""Command line: argv → settings → logging → gateway → event loop; failures → exit codes.
+
+Exit codes: 0 clean stop (or a valid file with ``--check-config``), 1 invalid
+configuration or a failure to start (e.g. the port is taken), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from ocpp_edge import __version__
+from ocpp_edge.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/ocpp-edge.conf"
+log = logging.getLogger("ocpp_edge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ocpp-edge",
+        description="OCPP-J WebSocket to MQTT gateway (EMQX OCPP gateway format).")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"configuration file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration file and exit (0 valid, 1 invalid)")
+    p.add_argument("--version", action="version", version=f"ocpp-edge {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from ocpp_edge import config  # imported here so --version/--help stay instant
+
+    try:
+        settings = config.load(args.config)
+    except ConfigError as exc:
+        print(f"ocpp-edge: invalid configuration: {exc}", file=sys.stderr)
+        return 1
+    if args.check_config:
+        print(f"{args.config}: configuration OK")
+        return 0
+
+    from ocpp_edge import log as logsetup
+
+    logsetup.setup(settings.log.level)
+    try:
+        return asyncio.run(_run(settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _run(settings) -> int:
+    from ocpp_edge.gateway import Gateway
+
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    log.info("ocpp-edge %s running (config %s)", __version__, settings.source)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "SIGHUP: reloading the configuration is not supported yet; restart to apply changes"))
+    await stop.wait()
+    log.info("stopping")
+    await gateway.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,321 @@
+"""North side: paho-mqtt driven by the gateway's event loop, no thread.
+
+paho's socket is registered with the running asyncio/Tornado loop (the pattern of paho's
+``examples/loop_asyncio.py``): readable → ``loop_read``, writable while paho has bytes
+queued → ``loop_write``, once a second → ``loop_misc`` for keepalive. ``loop_start()`` is
+never called, so the daemon stays one thread.
+
+The TCP connection itself is opened here, without blocking the loop, and handed to paho:
+paho's own ``connect()`` blocks for as long as the kernel takes to give up on an
+unreachable broker, which would freeze every charge point on the site. A fresh paho
+client is made for every connection, so nothing paho queued on a dead connection is ever
+re-sent behind our back: the buffer alone decides what is (re)published.
+
+Upstream flow: ``kick()`` after the buffer grew → up to ``max_inflight`` records published
+at ``qos`` → each PUBACK/PUBCOMP acks its record in the buffer → more are taken. On a lost
+connection, every record in flight is rewound and published again after reconnecting
+(at-least-once, in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from ocpp_edge.buffer import MemoryBuffer, Record
+
+log = logging.getLogger("ocpp_edge.mqtt")
+
+PAHO2 = hasattr(mqtt, "CallbackAPIVersion")
+CONNECT_TIMEOUT = 10.0  # seconds for TCP connect, and again for the CONNACK
+
+
+def _rc(value: object) -> int:
+    """paho 1.x passes ints, 2.x ReasonCode objects; both compare by value."""
+    return int(getattr(value, "value", value))  # type: ignore[call-overload]
+
+
+def _new_paho_client(client_id: str, clean_session: bool) -> mqtt.Client:
+    if PAHO2:
+        return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                           clean_session=clean_session, protocol=mqtt.MQTTv311)
+    return mqtt.Client(client_id=client_id, clean_session=clean_session,
+                       protocol=mqtt.MQTTv311)
+
+
+class MqttUplink:
+    """One MQTT connection to the upstream broker, reconnecting forever."""
+
+    def __init__(self, *, host: str, port: int, client_id: str, username: str | None,
+                 password: str | None, qos: int, clean_session: bool, keepalive: float,
+                 reconnect_delay_min: float, reconnect_delay_max: float, max_inflight: int,
+                 buffer: MemoryBuffer, subscriptions: list[tuple[str, int]],
+                 on_message: Callable[[str, bytes], None],
+                 on_state: Callable[[bool], None] | None = None) -> None:
+        self.host, self.port = host, port
+        self.client_id = client_id
+        self.username, self.password = username, password
+        self.qos = qos
+        self.clean_session = clean_session
+        self.keepalive = max(1, int(keepalive))
+        self.delay_min, self.delay_max = reconnect_delay_min, reconnect_delay_max
+        self.max_inflight = max_inflight
+        self.buffer = buffer
+        self.subscriptions = subscriptions
+        self.on_message = on_message
+        self.on_state = on_state or (lambda up: None)
+
+        self.connected = False
+        self.reconnects = 0
+        self.published = 0
+        self._client: mqtt.Client | None = None
+        self._inflight: dict[int, Record] = {}  # paho mid → record (short-lived handles)
+        self._attempt = 0
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._connack_handle: asyncio.TimerHandle | None = None
+        self._misc: PeriodicCallback | None = None
+        self._pump_scheduled = False
+        self._stopping = False
+        self._closed = asyncio.Event()
+        self._closed.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        IOLoop.current().add_callback(self._connect)
+
+    async def stop(self, flush_timeout: float = 2.0) -> None:
+        """Publish what is buffered for up to ``flush_timeout`` s, then disconnect cleanly."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_timeout
+        while self.connected and len(self.buffer) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        self._stopping = True
+        if self._retry_handle:
+            self._retry_handle.cancel()
+        if self._client is not None:
+            if self.connected:
+                self._client.disconnect()  # DISCONNECT goes out via loop_write, then closes
+            else:
+                self._client.disconnect()
+                self._close_socket()
+            try:
+                await asyncio.wait_for(self._closed.wait(), timeout=2.0)
+            except asyncio.TimeoutError:
+                self._close_socket()
+        if len(self.buffer):
+            log.warning("stopping with %d upstream message(s) not acknowledged by the broker",
+                        len(self.buffer))
+
+    def kick(self) -> None:
+        """The buffer grew: publish soon (once per loop iteration, however many appends)."""
+        if self.connected and not self._pump_scheduled:
+            self._pump_scheduled = True
+            IOLoop.current().add_callback(self._pump)
+
+    # -- connecting ------------------------------------------------------------------------
+
+    async def _open_socket(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        # getaddrinfo is answered from /etc/hosts or the local resolver; an IP literal
+        # needs no lookup at all. (asyncio's async lookup would start a thread.)
+        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        error: Exception = OSError(f"no address for {self.host}")
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            # Nagle would add up to 40 ms per round trip (notes/performance.md).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, addr), CONNECT_TIMEOUT)
+                return sock
+            except (OSError, asyncio.TimeoutError) as exc:
+                sock.close()
+                error = exc
+        raise error
+
+    async def _connect(self) -> None:
+        self._retry_handle = None
+        if self._stopping:
+            return
+        try:
+            sock = await self._open_socket()
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._schedule_retry(f"cannot reach {self.host}:{self.port}: "
+                                 f"{exc or type(exc).__name__}")
+            return
+        if self._stopping:
+            sock.close()
+            return
+        client = _new_paho_client(self.client_id, self.clean_session)
+        # We bound the window ourselves; paho's own limit rescans its queue on every ack.
+        client.max_inflight_messages_set(0)
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        # Hand paho the socket we connected: reconnect() asks _create_socket_connection for
+        # one (paho 1.6 and 2.x alike) and then sends CONNECT over it.
+        client._create_socket_connection = lambda: sock  # type: ignore[method-assign]
+        client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self._client = client
+        self._closed.clear()
+        try:
+            client.reconnect()
+        except OSError as exc:
+            self._close_socket()
+            self._lost(client, f"connection to {self.host}:{self.port} failed: {exc}")
+            return
+        self._connack_handle = asyncio.get_running_loop().call_later(
+            CONNECT_TIMEOUT, self._connack_timeout)
+
+    def _connack_timeout(self) -> None:
+        self._connack_handle = None
+        if not self.connected and self._client is not None:
+            log.warning("broker %s:%d did not answer CONNECT within %.0f s",
+                        self.host, self.port, CONNECT_TIMEOUT)
+            client = self._client
+            self._close_socket()
+            self._lost(client, "no CONNACK")
+
+    def _schedule_retry(self, why: str) -> None:
+        if self._stopping:
+            return
+        # Capped exponential backoff with jitter, so a site's gateways do not reconnect in
+        # lock-step after a broker restart.
+        delay = min(self.delay_max, self.delay_min * (2 ** min(self._attempt, 30)))
+        delay = random.uniform(delay / 2, delay)
+        self._attempt += 1
+        log.warning("MQTT: %s; retrying in %.1f s", why, delay)
+        self._retry_handle = asyncio.get_running_loop().call_later(
+            delay, lambda: IOLoop.current().add_callback(self._connect))
+
+    def _close_socket(self) -> None:
+        client = self._client
+        if client is not None and client.socket() is not None:
+            client._sock_close()  # runs on_socket_close, which unregisters the fd
+
+    def _lost(self, client: mqtt.Client, why: str) -> None:
+        """``client``'s connection is gone (or never came up): rewind and reconnect.
+
+        paho reports a loss through on_disconnect, on_socket_close or both; the first
+        report for the current client wins."""
+        if client is not self._client:
+            return
+        if self._connack_handle:
+            self._connack_handle.cancel()
+            self._connack_handle = None
+        was_up = self.connected
+        self.connected = False
+        self._inflight.clear()
+        self._client = None
+        rewound = self.buffer.rewind()
+        if was_up:
+            log.warning("MQTT connection to %s:%d lost (%s); %d message(s) in flight will be "
+                        "sent again, %d buffered", self.host, self.port, why, rewound,
+                        len(self.buffer))
+            self.on_state(False)
+        self._schedule_retry("reconnecting" if was_up else why)
+
+    # -- paho callbacks (all on the loop thread) --------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, rc, properties=None) -> None:
+        if client is not self._client:
+            return
+        code = _rc(rc)
+        if code != 0:
+            log.error("broker %s:%d refused the connection: %s", self.host, self.port,
+                      mqtt.connack_string(code))
+            return  # paho closes the socket; _on_disconnect/_on_socket_close follow
+        if self._connack_handle:
+            self._connack_handle.cancel()
+            self._connack_handle = None
+        if self._attempt:
+            self.reconnects += 1
+        self._attempt = 0
+        self.connected = True
+        for topic_filter, qos in self.subscriptions:
+            client.subscribe(topic_filter, qos)
+        log.info("MQTT connected to %s:%d as %r; %d message(s) buffered",
+                 self.host, self.port, self.client_id, len(self.buffer))
+        self.on_state(True)
+        self.kick()
+
+    def _on_disconnect(self, client, userdata, *args) -> None:
+        # 1.6: (rc,)   2.x: (flags, reason_code, properties)
+        rc = _rc(args[0] if len(args) == 1 else args[1])
+        self._lost(client, f"rc={rc}")
+
+    def _on_publish(self, client, userdata, mid, *args) -> None:
+        rec = self._inflight.pop(mid, None)
+        if rec is not None:
+            self.buffer.ack(rec)
+            self.published += 1
+            self.kick()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self.on_message(message.topic, message.payload)
+        except Exception:  # a bug in one message must not take the uplink down
+            log.exception("error handling MQTT message on %s", message.topic)
+
+    def _on_socket_open(self, client, userdata, sock) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock, self._safe, client.loop_read)
+        self._misc = PeriodicCallback(lambda: self._safe(client.loop_misc), 1000)
+        self._misc.start()
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock)
+        loop.remove_writer(sock)
+        if self._misc:
+            self._misc.stop()
+            self._misc = None
+        self._closed.set()
+        # paho does not always follow a closed socket with on_disconnect (a refused or
+        # timed-out CONNECT): report the loss after paho has finished its own handling.
+        IOLoop.current().add_callback(self._lost, client, "socket closed")
+
+    def _on_register_write(self, client, userdata, sock) -> None:
+        asyncio.get_running_loop().add_writer(sock, self._safe, client.loop_write)
+
+    def _on_unregister_write(self, client, userdata, sock) -> None:
+        asyncio.get_running_loop().remove_writer(sock)
+
+    @staticmethod
+    def _safe(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("MQTT event loop callback failed")
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        client = self._client
+        if not self.connected or client is None:
+            return
+        room = self.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for rec in self.buffer.take(room):
+            info = client.publish(rec.topic, rec.payload, self.qos)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                # The connection is going away; _lost() rewinds everything in flight.
+                self.buffer.rewind()
+                return
+            self._inflight[info.mid] = rec

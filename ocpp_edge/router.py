@@ -1,0 +1,255 @@
+"""Topic router: OCPP-J messages ⇄ MQTT (topic, payload) in the EMQX OCPP gateway format.
+
+Pure: no I/O, no configobj, no tornado, no paho. The gateway builds one ``Router`` from the
+settings and asks it two questions per message:
+
+* upstream: which topic and which bytes does this charge point message become?
+* downstream: which charge point does this topic address, and which OCPP-J message does
+  this payload describe?
+
+Topic contract (EMQX ``emqx_ocpp.conf``; SPEC "Upstream" and "Downstream"):
+topic = mountpoint + rendered template. Placeholders: ``${cid}``/``${clientid}`` (the
+charge point id), ``${action}``, ``${id}`` (UniqueId), ``${type}`` (MessageTypeId),
+``${proto}`` (e.g. ``ocpp1.6``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ocpp_edge.ocppj.messages import (
+    Call,
+    CallError,
+    CallResult,
+    CallResultError,
+    Message,
+    MessageType,
+    Send,
+)
+
+UPSTREAM_PLACEHOLDERS = frozenset({"cid", "clientid", "action", "id", "type", "proto"})
+DNSTREAM_PLACEHOLDERS = frozenset({"cid", "clientid"})
+
+_PLACEHOLDER = re.compile(r"\$\{([^{}]*)\}")
+# Characters that may never appear in a topic we publish to (MQTT 3.1.1 §4.7.1, §1.5.3).
+_TOPIC_FORBIDDEN = frozenset("+#\x00")
+_ALIASES = {"clientid": "cid"}
+
+
+class TopicError(ValueError):
+    """A value cannot be placed in a topic (it would change the topic's levels)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicTemplate:
+    """A compiled template: alternating literal text and placeholder names."""
+
+    text: str
+    parts: tuple[tuple[bool, str], ...]  # (is_placeholder, literal-or-name)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(value for is_var, value in self.parts if is_var)
+
+    def render(self, values: Mapping[str, str]) -> str:
+        return "".join(values[v] if is_var else v for is_var, v in self.parts)
+
+
+def compile_template(text: str, allowed: frozenset[str]) -> TopicTemplate:
+    """Parse ``text``; raise ``ValueError`` naming what is wrong.
+
+    An unknown placeholder is an error here, at start-up, never a literal ``undefined``
+    in a topic at run time (SPEC "Upstream").
+    """
+    if not text:
+        raise ValueError("a topic template cannot be empty")
+    bad = sorted(set(text) & _TOPIC_FORBIDDEN)
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"a topic template cannot contain {shown}")
+    parts: list[tuple[bool, str]] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(text):
+        literal = text[pos:m.start()]
+        if "${" in literal:
+            raise ValueError(f"unterminated placeholder in {text!r}")
+        if literal:
+            parts.append((False, literal))
+        name = m.group(1)
+        if name not in allowed:
+            known = ", ".join("${%s}" % n for n in sorted(allowed))
+            raise ValueError(f"unknown placeholder ${{{name}}} (known: {known})")
+        parts.append((True, _ALIASES.get(name, name)))
+        pos = m.end()
+    tail = text[pos:]
+    if "${" in tail:
+        raise ValueError(f"unterminated placeholder in {text!r}")
+    if tail:
+        parts.append((False, tail))
+    return TopicTemplate(text, tuple(parts))
+
+
+def _safe_level_value(name: str, value: str) -> str:
+    # A value may not add or remove topic levels, nor wildcards: nothing a charge point
+    # sends can reach another charge point's topics (SPEC "Security").
+    if not value or "/" in value or any(c in _TOPIC_FORBIDDEN for c in value):
+        raise TopicError(f"{name} {value!r} cannot be used in a topic")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Payloads (EMQX format). Keys are spelled as EMQX spells them.
+
+def upstream_payload(msg: Message, action: str | None = None) -> dict:
+    """The EMQX JSON object for a charge point message.
+
+    Replies carry ``Action`` when the gateway knows the CALL they answer (an extension;
+    EMQX omits it and consumers ignore unknown keys). CALLERRORs carry ``ErrorDetails``
+    (EMQX drops it; SPEC keeps it).
+    """
+    if isinstance(msg, Call | Send):
+        return {"MessageTypeId": int(msg.type_id), "UniqueId": msg.unique_id,
+                "Action": msg.action, "Payload": msg.payload}
+    if isinstance(msg, CallResult):
+        obj: dict = {"MessageTypeId": 3, "UniqueId": msg.unique_id, "Payload": msg.payload}
+    else:  # CallError / CallResultError
+        obj = {"MessageTypeId": int(msg.type_id), "UniqueId": msg.unique_id,
+               "ErrorCode": msg.error_code, "ErrorDescription": msg.error_description,
+               "ErrorDetails": msg.error_details}
+    if action is not None:
+        obj["Action"] = action
+    return obj
+
+
+class DownstreamError(ValueError):
+    """A downstream MQTT payload is not a valid EMQX-format OCPP message.
+
+    ``unique_id`` is set when the UniqueId could be read, so the gateway can answer the
+    backend on the error topic.
+    """
+
+    def __init__(self, message: str, unique_id: str | None = None,
+                 action: str | None = None) -> None:
+        super().__init__(message)
+        self.unique_id = unique_id
+        self.action = action
+
+
+_DOWN_REQUIRED = {
+    MessageType.CALL: ("UniqueId", "Action", "Payload"),
+    MessageType.CALLRESULT: ("UniqueId", "Payload"),
+    MessageType.CALLERROR: ("UniqueId", "ErrorCode", "ErrorDescription"),
+}
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_downstream(payload: bytes | str) -> Message:
+    """Turn a backend's EMQX-format JSON object into an OCPP-J message.
+
+    SPEC "Downstream": MessageTypeId 2 needs UniqueId, Action, Payload; 3 needs UniqueId,
+    Payload; 4 needs UniqueId, ErrorCode, ErrorDescription (ErrorDetails optional).
+    """
+    try:
+        obj = json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DownstreamError(f"payload is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DownstreamError("payload is not a JSON object")
+    uid = obj.get("UniqueId")
+    if not isinstance(uid, str) or len(uid) > 36:
+        raise DownstreamError("UniqueId is missing, not a string or longer than 36 characters")
+    action = obj.get("Action") if isinstance(obj.get("Action"), str) else None
+    type_id = obj.get("MessageTypeId")
+    if type(type_id) is not int or type_id not in _DOWN_REQUIRED:
+        raise DownstreamError(f"MessageTypeId must be 2, 3 or 4, got {type_id!r}", uid, action)
+    missing = [k for k in _DOWN_REQUIRED[MessageType(type_id)] if k not in obj]
+    if missing:
+        raise DownstreamError(f"missing {', '.join(missing)} for MessageTypeId {type_id}",
+                              uid, action)
+    if type_id == MessageType.CALL:
+        if not isinstance(obj["Action"], str) or not obj["Action"]:
+            raise DownstreamError("Action must be a non-empty string", uid)
+        if not isinstance(obj["Payload"], dict):
+            raise DownstreamError("Payload must be a JSON object", uid, action)
+        return Call(uid, obj["Action"], obj["Payload"])
+    if type_id == MessageType.CALLRESULT:
+        if not isinstance(obj["Payload"], dict):
+            raise DownstreamError("Payload must be a JSON object", uid, action)
+        return CallResult(uid, obj["Payload"])
+    code, desc = obj["ErrorCode"], obj["ErrorDescription"]
+    details = obj.get("ErrorDetails", {})
+    if not isinstance(code, str) or not isinstance(desc, str):
+        raise DownstreamError("ErrorCode and ErrorDescription must be strings", uid, action)
+    if details is None:
+        details = {}
+    if not isinstance(details, dict):
+        raise DownstreamError("ErrorDetails must be a JSON object", uid, action)
+    return CallError(uid, code, desc, details)
+
+
+# ---------------------------------------------------------------------------------------
+
+class Router:
+    """Renders upstream topics and parses downstream ones for one configuration."""
+
+    def __init__(self, *, mountpoint: str, upstream_topic: str,
+                 upstream_topic_overrides: Mapping[str, str], reply_topic: str,
+                 error_topic: str, dnstream_topic: str) -> None:
+        self.mountpoint = mountpoint
+        self._call = compile_template(upstream_topic, UPSTREAM_PLACEHOLDERS)
+        self._per_action = {a: compile_template(t, UPSTREAM_PLACEHOLDERS)
+                            for a, t in upstream_topic_overrides.items()}
+        self._reply = compile_template(reply_topic, UPSTREAM_PLACEHOLDERS)
+        self._error = compile_template(error_topic, UPSTREAM_PLACEHOLDERS)
+        down = compile_template(dnstream_topic, DNSTREAM_PLACEHOLDERS)
+        levels = (mountpoint + dnstream_topic.replace("${clientid}", "${cid}")).split("/")
+        cid_levels = [i for i, level in enumerate(levels) if level == "${cid}"]
+        if len(cid_levels) != 1 or down.names != {"cid"}:
+            raise ValueError("the downstream topic must hold ${cid} exactly once, as a whole level")
+        self._down_level = cid_levels[0]
+        self._down_levels = levels
+        self.dnstream_filter = "/".join("+" if i == self._down_level else lvl
+                                        for i, lvl in enumerate(levels))
+        # Values that never vary per message are checked once per charge point, not per
+        # message: see ``values_for``.
+        self._uses_id = any("id" in t.names for t in
+                            (self._call, self._reply, self._error, *self._per_action.values()))
+
+    # -- upstream ----------------------------------------------------------------------
+
+    def upstream_topic(self, cid: str, proto: str, msg: Message,
+                       action: str | None = None) -> str:
+        """The topic for ``msg`` from charge point ``cid``; ``action`` names the CALL a
+        reply answers when known. Raises ``TopicError`` if a value would break the topic."""
+        if isinstance(msg, Call | Send):
+            template = self._per_action.get(msg.action, self._call)
+            action = msg.action
+        elif isinstance(msg, CallResult):
+            template = self._reply
+        else:
+            template = self._error
+        values = {"cid": cid, "proto": proto, "type": str(int(msg.type_id)),
+                  "action": action if action is not None else "", "id": msg.unique_id}
+        if "action" in template.names:
+            _safe_level_value("Action", values["action"])
+        if self._uses_id and "id" in template.names:
+            _safe_level_value("UniqueId", msg.unique_id)
+        return self.mountpoint + template.render(values)
+
+    # -- downstream --------------------------------------------------------------------
+
+    def downstream_cid(self, topic: str) -> str | None:
+        """The charge point id a downstream topic addresses, or None if it is not ours."""
+        levels = topic.split("/")
+        if len(levels) != len(self._down_levels):
+            return None
+        for i, (got, want) in enumerate(zip(levels, self._down_levels)):
+            if i != self._down_level and got != want:
+                return None
+        return levels[self._down_level] or None

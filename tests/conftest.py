@@ -1,0 +1,226 @@
+"""Real parts for integration tests: a Mosquitto broker, a gateway process, a paho backend.
+
+Nothing here is a mock: the broker is ``mosquitto`` on a free loopback port (stopped and
+restarted to simulate an outage), the gateway is ``python -m ocpp_edge`` in its own
+process, and the backend is a paho client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.access(found, os.X_OK):
+        raise RuntimeError("mosquitto is not installed: run `make test`, which installs it")
+    return found
+
+
+class Broker:
+    """A real Mosquitto on 127.0.0.1:<port>; ``stop()``/``start()`` keep the port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 100000\n")
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+class Backend:
+    """A paho client playing the CSMS: records what it receives, publishes commands."""
+
+    def __init__(self, port: int, subscribe: str = "ocpp/#") -> None:
+        self.messages: queue.Queue[tuple[str, dict | bytes]] = queue.Queue()
+        kw = {"client_id": f"test-backend-{os.getpid()}-{time.monotonic_ns()}"}
+        if hasattr(mqtt, "CallbackAPIVersion"):
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
+        else:
+            self.client = mqtt.Client(**kw)
+        subscribed = queue.Queue()
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: subscribed.put(True)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.client.subscribe(subscribe, qos=1)
+        subscribed.get(timeout=5)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            body: dict | bytes = json.loads(msg.payload)
+        except ValueError:
+            body = msg.payload
+        self.messages.put((msg.topic, body))
+
+    def expect(self, topic: str | None = None, timeout: float = 10.0,
+               where=lambda body: True) -> tuple[str, dict]:
+        """The next message on ``topic`` matching ``where`` (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no message on {topic!r} within {timeout} s")
+            try:
+                got_topic, body = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            if (topic is None or got_topic == topic) and where(body):
+                return got_topic, body
+
+    def nothing_on(self, topic_prefix: str, wait: float) -> list:
+        """Everything received under ``topic_prefix`` within ``wait`` seconds."""
+        time.sleep(wait)
+        seen = []
+        while True:
+            try:
+                t, b = self.messages.get_nowait()
+            except queue.Empty:
+                return seen
+            if t.startswith(topic_prefix):
+                seen.append((t, b))
+
+    def publish(self, topic: str, body: dict | bytes | str, qos: int = 1) -> None:
+        payload = json.dumps(body) if isinstance(body, dict) else body
+        self.client.publish(topic, payload, qos=qos).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def backend(broker):
+    b = Backend(broker.port)
+    yield b
+    b.close()
+
+
+class GatewayProcess:
+    """``python -m ocpp_edge`` with a config written for this test."""
+
+    def __init__(self, workdir: Path, mqtt_port: int, extra: str = "") -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.config = workdir / "ocpp-edge.conf"
+        self.config.write_text(
+            f"ocpp.listener.ws = 127.0.0.1:{self.port}\n"
+            f"mqtt.server = mqtt://127.0.0.1:{mqtt_port}\n"
+            f"mqtt.client_id = gw-test-{self.port}\n"
+            "mqtt.reconnect_delay_min = 100ms\n"
+            "mqtt.reconnect_delay_max = 500ms\n"
+            "log.level = debug\n" + extra)
+        self.stderr_path = workdir / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> GatewayProcess:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env.pop("JOURNAL_STREAM", None)
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ocpp_edge", "--config", str(self.config)],
+                stdout=err, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ocpp"
+
+    def log_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_text()
+            if needle in text:
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in the gateway log:\n{self.log_text()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def make_gateway(tmp_path):
+    started: list[GatewayProcess] = []
+
+    def make(mqtt_port: int, extra: str = "", start: bool = True) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path, mqtt_port, extra)
+        started.append(gw)
+        return gw.start() if start else gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway, broker):
+    return make_gateway(broker.port)

@@ -1,0 +1,30 @@
+"""The core is sans-I/O: codec, session and router import no tornado, paho, sdnotify or
+configobj (ARCHITECTURE "The shape"). Checked in a fresh interpreter, so nothing imported
+by other tests can hide a violation."""
+
+import subprocess
+import sys
+
+FORBIDDEN = ("tornado", "paho", "sdnotify", "configobj", "asyncio", "socket")
+CORE = ("ocpp_edge.ocppj.codec", "ocpp_edge.ocppj.messages", "ocpp_edge.ocppj.errors",
+        "ocpp_edge.session", "ocpp_edge.router")
+
+
+def test_core_imports_no_io():
+    code = (
+        "import sys\n"
+        f"for m in {CORE!r}: __import__(m)\n"
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
+        "print(','.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "", f"the sans-I/O core pulled in: {out}"
+
+
+def test_the_check_can_fail():
+    # The same probe on an adapter module must see tornado, or the test above proves nothing.
+    code = ("import sys, ocpp_edge.cp_server\n"
+            "print('tornado' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "True"
