@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = config.load(args.config)
     except ConfigError as exc:
-        print(f"ocpp-edge: invalid configuration: {exc}", file=sys.stderr)
+        lines = str(exc).splitlines()
+        if len(lines) == 1:
+            print(f"ocpp-edge: invalid configuration: {lines[0]}", file=sys.stderr)
+        else:
+            print("ocpp-edge: invalid configuration:", *lines, sep="\n  ", file=sys.stderr)
         return 1
     if args.check_config:
         print(f"{args.config}: configuration OK")

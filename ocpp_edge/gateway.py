@@ -2,8 +2,10 @@
 
 ::
 
-    charge point ─ws─▶ cp_server ─text─▶ Session ─ToBackend─▶ Router ─(topic, bytes)─▶ buffer ─▶ MqttUplink
-    broker ─▶ MqttUplink ─(topic, bytes)─▶ Router ─Message─▶ Session ─ToChargePoint─▶ cp_server ─ws─▶
+    charge point ─ws─▶ cp_server ─text─▶ Session ─ToBackend─▶ Router
+                 ─(topic, bytes)─▶ buffer ─▶ MqttUplink ─▶ broker
+    broker ─▶ MqttUplink ─(topic, bytes)─▶ Router ─Message─▶ Session
+                 ─ToChargePoint─▶ cp_server ─ws─▶ charge point
 
 ``cp_server`` and ``mqtt_uplink`` never import each other: the charge points keep being
 served while the broker is away, and upstream messages wait in the buffer.

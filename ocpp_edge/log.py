@@ -31,7 +31,7 @@ def stderr_is_journal(stream: TextIO | None = None) -> bool:
 
 class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        prefix = "<%d>" % _PRIORITY.get(record.levelno, 6)
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
         return "\n".join(prefix + line for line in super().format(record).splitlines() or [""])
 
 

@@ -107,7 +107,7 @@ class MqttUplink:
                 self._close_socket()
             try:
                 await asyncio.wait_for(self._closed.wait(), timeout=2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._close_socket()
         if len(self.buffer):
             log.warning("stopping with %d upstream message(s) not acknowledged by the broker",
@@ -135,7 +135,7 @@ class MqttUplink:
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, addr), CONNECT_TIMEOUT)
                 return sock
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 sock.close()
                 error = exc
         raise error
@@ -146,7 +146,7 @@ class MqttUplink:
             return
         try:
             sock = await self._open_socket()
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self._schedule_retry(f"cannot reach {self.host}:{self.port}: "
                                  f"{exc or type(exc).__name__}")
             return
@@ -162,6 +162,7 @@ class MqttUplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -264,6 +265,14 @@ class MqttUplink:
             self.buffer.ack(rec)
             self.published += 1
             self.kick()
+
+    def _on_subscribe(self, client, userdata, mid, granted, properties=None) -> None:
+        codes = [_rc(g) for g in granted]
+        if any(code >= 0x80 for code in codes):
+            log.error("broker refused the downstream subscription %s: backend commands will "
+                      "not arrive", [f for f, _ in self.subscriptions])
+        else:
+            log.info("subscribed to %s", ", ".join(f for f, _ in self.subscriptions))
 
     def _on_message(self, client, userdata, message) -> None:
         try:

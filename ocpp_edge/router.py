@@ -24,7 +24,6 @@ from ocpp_edge.ocppj.messages import (
     Call,
     CallError,
     CallResult,
-    CallResultError,
     Message,
     MessageType,
     Send,
@@ -80,7 +79,7 @@ def compile_template(text: str, allowed: frozenset[str]) -> TopicTemplate:
             parts.append((False, literal))
         name = m.group(1)
         if name not in allowed:
-            known = ", ".join("${%s}" % n for n in sorted(allowed))
+            known = ", ".join(f"${{{n}}}" for n in sorted(allowed))
             raise ValueError(f"unknown placeholder ${{{name}}} (known: {known})")
         parts.append((True, _ALIASES.get(name, name)))
         pos = m.end()
@@ -210,7 +209,8 @@ class Router:
         down = compile_template(dnstream_topic, DNSTREAM_PLACEHOLDERS)
         levels = (mountpoint + dnstream_topic.replace("${clientid}", "${cid}")).split("/")
         cid_levels = [i for i, level in enumerate(levels) if level == "${cid}"]
-        if len(cid_levels) != 1 or down.names != {"cid"}:
+        n_cid = sum(1 for is_var, _ in down.parts if is_var)
+        if len(cid_levels) != 1 or n_cid != 1:
             raise ValueError("the downstream topic must hold ${cid} exactly once, as a whole level")
         self._down_level = cid_levels[0]
         self._down_levels = levels
@@ -249,7 +249,7 @@ class Router:
         levels = topic.split("/")
         if len(levels) != len(self._down_levels):
             return None
-        for i, (got, want) in enumerate(zip(levels, self._down_levels)):
+        for i, (got, want) in enumerate(zip(levels, self._down_levels, strict=True)):
             if i != self._down_level and got != want:
                 return None
         return levels[self._down_level] or None

@@ -158,13 +158,19 @@ class GatewayProcess:
         self.port = free_port()
         self.workdir = workdir
         self.config = workdir / "ocpp-edge.conf"
-        self.config.write_text(
-            f"ocpp.listener.ws = 127.0.0.1:{self.port}\n"
-            f"mqtt.server = mqtt://127.0.0.1:{mqtt_port}\n"
-            f"mqtt.client_id = gw-test-{self.port}\n"
-            "mqtt.reconnect_delay_min = 100ms\n"
-            "mqtt.reconnect_delay_max = 500ms\n"
-            "log.level = debug\n" + extra)
+        keys = {
+            "ocpp.listener.ws": f"127.0.0.1:{self.port}",
+            "mqtt.server": f"mqtt://127.0.0.1:{mqtt_port}",
+            "mqtt.client_id": f"gw-test-{self.port}",
+            "mqtt.reconnect_delay_min": "100ms",
+            "mqtt.reconnect_delay_max": "500ms",
+            "log.level": "debug",
+        }
+        for line in extra.splitlines():  # a test's own settings win
+            key, sep, value = line.partition("=")
+            if sep:
+                keys[key.strip()] = value.strip()
+        self.config.write_text("".join(f"{k} = {v}\n" for k, v in keys.items()))
         self.stderr_path = workdir / "gateway.log"
         self.proc: subprocess.Popen | None = None
 
@@ -223,4 +229,6 @@ def make_gateway(tmp_path):
 
 @pytest.fixture
 def gateway(make_gateway, broker):
-    return make_gateway(broker.port)
+    gw = make_gateway(broker.port)
+    gw.wait_log("subscribed to ocpp/cs/+")  # backend commands can reach it from now on
+    return gw

@@ -9,12 +9,15 @@ import time
 
 import pytest
 import websockets
+from conftest import Backend, GatewayProcess
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as ChargePoint16
 from ocpp.v16 import call, call_result
 from ocpp.v16.enums import RegistrationStatus
 
-from conftest import Backend, GatewayProcess
+# Retries 1–2 s apart: after the broker (re)starts, the test's backend subscribes well
+# before the gateway's next attempt, so it sees the whole backlog.
+SLOW_RETRY = "mqtt.reconnect_delay_min = 2s\nmqtt.reconnect_delay_max = 2s\n"
 
 
 class ChargePoint(ChargePoint16):
@@ -135,7 +138,7 @@ def test_gateway_runs_without_broker_and_delivers_once_it_appears(make_gateway, 
     from conftest import Broker
 
     broker = Broker(tmp_path)  # port reserved, not started
-    gw = make_gateway(broker.port)
+    gw = make_gateway(broker.port, SLOW_RETRY)
 
     async def send_while_down():
         async with websockets.connect(f"{gw.url}/CPOFF", subprotocols=["ocpp1.6"]) as ws:
@@ -165,3 +168,43 @@ def test_daemon_is_single_threaded(gateway, backend):
     status = open(f"/proc/{gateway.proc.pid}/status").read()
     threads = [line for line in status.splitlines() if line.startswith("Threads:")]
     assert threads == ["Threads:\t1"], threads
+
+
+def test_broker_outage_mid_stream_loses_nothing_and_keeps_order(make_gateway, tmp_path):
+    from conftest import Broker
+
+    broker = Broker(tmp_path)
+    broker.start()
+    gw = make_gateway(broker.port, SLOW_RETRY)
+    gw.wait_log("subscribed to")
+    be = Backend(broker.port)
+
+    async def send(ws, first, last):
+        for i in range(first, last):
+            await ws.send(f'[2,"m{i}","Heartbeat",{{}}]')
+        await asyncio.sleep(0.2)
+
+    async def scenario():
+        async with websockets.connect(f"{gw.url}/OUT", subprotocols=["ocpp1.6"]) as ws:
+            await send(ws, 0, 20)
+            ids = [be.expect("ocpp/cp/OUT")[1]["UniqueId"] for _ in range(20)]
+            assert ids == [f"m{i}" for i in range(20)]
+            be.close()
+            broker.stop()
+            await send(ws, 20, 50)  # the charge point is still served while the broker is away
+            await ws.send("garbage")
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))[0] == 4
+            broker.start()
+            be2 = Backend(broker.port)
+            try:
+                got = [(await in_thread(be2.expect, "ocpp/cp/OUT", 20))[1]["UniqueId"]
+                       for _ in range(30)]
+            finally:
+                be2.close()
+            assert got == [f"m{i}" for i in range(20, 50)]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        broker.stop()
+    assert "MQTT connection to 127.0.0.1" in gw.log_text() and "lost" in gw.log_text()

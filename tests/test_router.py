@@ -49,9 +49,10 @@ class TestTemplates:
 class TestUpstream:
     def test_emqx_defaults(self):
         r = emqx_router()
-        assert r.upstream_topic("CP1", "ocpp1.6", Call("1", "BootNotification", {})) == "ocpp/cp/CP1"
-        assert r.upstream_topic("CP1", "ocpp1.6", CallResult("1", {})) == "ocpp/cp/CP1/Reply"
-        assert r.upstream_topic("CP1", "ocpp1.6", CallError("1", "X", "", {})) == "ocpp/cp/CP1/Reply"
+        up = r.upstream_topic
+        assert up("CP1", "ocpp1.6", Call("1", "BootNotification", {})) == "ocpp/cp/CP1"
+        assert up("CP1", "ocpp1.6", CallResult("1", {})) == "ocpp/cp/CP1/Reply"
+        assert up("CP1", "ocpp1.6", CallError("1", "X", "", {})) == "ocpp/cp/CP1/Reply"
 
     def test_per_action_override(self):
         r = emqx_router(upstream_topic_overrides={"MeterValues": "cp/${cid}/mv"})
@@ -98,7 +99,8 @@ class TestDownstream:
         assert r.dnstream_filter == "site7/dn/+/cmd"
         assert r.downstream_cid("site7/dn/CP9/cmd") == "CP9"
 
-    @pytest.mark.parametrize("topic", ["cs", "cs/${cid}x", "cs/${cid}/${cid}", "cs/x"])
+    @pytest.mark.parametrize("topic", ["cs", "cs/${cid}x", "cs/${cid}/${cid}", "cs/x",
+                                       "cs/${cid}/x${cid}"])
     def test_cid_must_be_one_whole_level(self, topic):
         with pytest.raises(ValueError):
             emqx_router(dnstream_topic=topic)

@@ -20,8 +20,8 @@ import json
 from ocpp_edge.ocppj.errors import (
     UNKNOWN_ID,
     FormatViolation,
-    OcppError,
     MessageTypeNotSupported,
+    OcppError,
     RpcFrameworkError,
 )
 from ocpp_edge.ocppj.messages import (

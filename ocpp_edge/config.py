@@ -1,0 +1,527 @@
+"""Read and check ocpp-edge.conf. The only module that imports configobj.
+
+The file holds flat ``key = value`` lines with dotted keys, as EMQX 4.x ``emqx_ocpp.conf``.
+Types, ranges and defaults are in ``configspec.ini`` next to this module; the check
+functions it names are defined here.
+
+Errors: every problem in the file is reported at once, in file order, one per line of the
+message; the ``ConfigError`` carries the first one's key and line. Relations between keys
+(``ocpp.default_subprotocol`` in ``ocpp.subprotocols``, ...) are checked once every single
+value is valid. A syntax error stops before the values are checked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import socket
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import NamedTuple, NoReturn
+from urllib.parse import urlsplit
+
+from configobj import ConfigObj, ConfigObjError, DuplicateError, NestingError
+
+try:  # configobj 5.0.9 (and the 5.0.8 wheels) ship validate inside the package,
+    from configobj import validate as _validate
+except ImportError:  # older layouts as a top-level module.
+    import validate as _validate
+
+from ocpp_edge.errors import ConfigError
+from ocpp_edge.router import DNSTREAM_PLACEHOLDERS, UPSTREAM_PLACEHOLDERS, compile_template
+
+SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1", "ocpp2.1")
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class OcppSettings:
+    listener_ws: Listen | None
+    path: str
+    subprotocols: tuple[str, ...]
+    default_subprotocol: str
+    fail_if_no_subprotocol: bool
+    max_frame_size: int
+    mountpoint: str
+    upstream_topic: str                         # raw template text, validated
+    upstream_topic_overrides: Mapping[str, str]  # Action -> template text
+    upstream_reply_topic: str
+    upstream_error_topic: str
+    dnstream_topic: str
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int
+    client_id: str              # ${hostname} already replaced
+    username: str | None
+    password: str | None
+    qos: int
+    clean_session: bool
+    keepalive: float            # seconds
+    reconnect_delay_min: float
+    reconnect_delay_max: float
+    max_inflight: int
+
+
+@dataclass(frozen=True)
+class BufferSettings:
+    max_messages: int
+    max_bytes: int
+    overflow: str               # "drop_oldest" | "drop_newest"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str                  # "debug" | "info" | "warning" | "error"
+
+
+@dataclass(frozen=True)
+class Settings:
+    ocpp: OcppSettings
+    mqtt: MqttSettings
+    buffer: BufferSettings
+    log: LogSettings
+    source: str                 # path of the file, or "<string>"
+
+
+# ---------------------------------------------------------------------------------------
+# Check functions named in configspec.ini. Each takes the value as configobj parsed it
+# (a str, or a list when an unquoted value holds a comma) and the arguments written in
+# the spec (always strings), and returns the converted value or raises Invalid with a
+# sentence for the operator.
+
+Invalid = _validate.ValidateError
+
+
+def _scalar(value: str | list[str]) -> str:
+    if isinstance(value, list):
+        raise Invalid("a comma makes this a list; put the value in quotes if the comma "
+                      "belongs to it")
+    return value
+
+
+def _check_range(number: float, text: str, low: float | None, high: float | None,
+                 low_text: str | None, high_text: str | None) -> None:
+    if low is not None and high is not None and not low <= number <= high:
+        raise Invalid(f"must be between {low_text} and {high_text}, got {text!r}")
+    if low is not None and number < low:
+        raise Invalid(f"must be at least {low_text}, got {text!r}")
+    if high is not None and number > high:
+        raise Invalid(f"must be at most {high_text}, got {text!r}")
+
+
+def check_string(value):
+    return _scalar(value)
+
+
+def check_integer(value, min=None, max=None):  # min/max: the names used in the spec
+    text = _scalar(value)
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise Invalid(f"must be a whole number, got {text!r}")
+    low = None if min is None else int(min)
+    high = None if max is None else int(max)
+    number = int(text)
+    if low is not None and high == low + 1 and number not in (low, high):
+        raise Invalid(f"must be {low} or {high}, got {text!r}")
+    _check_range(number, text, low, high, min, max)
+    return number
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}
+
+
+def check_boolean(value):
+    text = _scalar(value)
+    try:
+        return _BOOLEANS[text.lower()]
+    except KeyError:
+        raise Invalid(f"must be true or false, got {text!r}") from None
+
+
+def check_option(value, *choices):
+    """One of ``choices``, matched ignoring case; returns the spelling in the spec."""
+    text = _scalar(value)
+    for choice in choices:
+        if text.lower() == choice.lower():
+            return choice
+    raise Invalid(f"must be one of {', '.join(choices)}, got {text!r}")
+
+
+_DURATION = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``5m``, ``100ms``, ``1h``, ``2d`` or a bare number of seconds -> seconds."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise Invalid("must be a duration like 30s, 5m, 100ms, 1h or 2d (a bare number "
+                      f"is seconds), got {text!r}")
+    number = float(m[1])
+    if number < 0:
+        raise Invalid(f"must not be negative, got {text!r}")
+    return number * _SECONDS[(m[2] or "s").lower()]
+
+
+def check_duration(value, min=None, max=None):
+    text = _scalar(value)
+    seconds = parse_duration(text)
+    _check_range(seconds, text, min and parse_duration(min), max and parse_duration(max),
+                 min, max)
+    return seconds
+
+
+_SIZE = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?", re.IGNORECASE)
+_BYTES = {"b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20,
+          "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``512B``, ``64KB``, ``256MB``, ``1GB`` (or ``KiB``...; 1KB = 1024 bytes) or a bare
+    number of bytes -> bytes."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise Invalid("must be a size like 512B, 64KB, 256MB or 1GB (a bare number is "
+                      f"bytes), got {text!r}")
+    number = float(m[1])
+    if number < 0:
+        raise Invalid(f"must not be negative, got {text!r}")
+    return int(number * _BYTES[(m[2] or "b").lower()])
+
+
+def check_size(value, min=None, max=None):
+    text = _scalar(value)
+    size = parse_size(text)
+    _check_range(size, text, min and parse_size(min), max and parse_size(max), min, max)
+    return size
+
+
+_LISTEN = re.compile(r"(?:(?:\[(?P<v6>[^\[\]\s]+)\]|(?P<host>[^:\[\]\s]+)):)?(?P<port>\d+)")
+
+
+def check_listen(value):
+    """``off`` -> None; ``port``, ``host:port`` or ``[IPv6]:port`` -> Listen."""
+    text = _scalar(value)
+    if text.lower() == "off":
+        return None
+    m = _LISTEN.fullmatch(text)
+    if not m:
+        raise Invalid(f"must be off, a port, host:port or [IPv6]:port, got {text!r}")
+    if int(m["port"]) > 65535:
+        raise Invalid(f"the port must be 0 to 65535, got {text!r}")
+    return Listen(m["v6"] or m["host"] or "0.0.0.0", int(m["port"]))
+
+
+def check_url_path(value):
+    text = _scalar(value)
+    if not text.startswith("/"):
+        raise Invalid(f"must start with '/', got {text!r}")
+    if text.endswith("/"):
+        raise Invalid(f"must not end with '/' (charge points connect to <path>/<id>), "
+                      f"got {text!r}")
+    if "//" in text or re.search(r"[%?#\s]", text):
+        raise Invalid(f"must be a plain URL path without '//', '%', '?', '#' or spaces, "
+                      f"got {text!r}")
+    return text
+
+
+def check_subprotocols(value):
+    """A list (``a, b``), or one quoted string (``"a, b"``) -> tuple in the given order."""
+    names = value if isinstance(value, list) else value.split(",")
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise Invalid(f"must list at least one of {', '.join(SUBPROTOCOLS)}")
+    chosen: list[str] = []
+    for name in names:
+        try:
+            name = check_option(name, *SUBPROTOCOLS)
+        except Invalid:
+            raise Invalid(f"{name!r} is not one of {', '.join(SUBPROTOCOLS)}") from None
+        if name in chosen:
+            raise Invalid(f"lists {name} twice")
+        chosen.append(name)
+    return tuple(chosen)
+
+
+def check_mountpoint(value):
+    text = _scalar(value)
+    bad = sorted(set(text) & set("+#\x00"))
+    if bad:
+        raise Invalid(f"cannot contain {', '.join(repr(c) for c in bad)}")
+    if "${" in text:
+        raise Invalid("cannot contain placeholders")
+    return text
+
+
+def check_topic_template(value, kind):
+    """A topic template (``kind`` is ``upstream`` or ``dnstream``); returns the text."""
+    text = _scalar(value)
+    allowed = UPSTREAM_PLACEHOLDERS if kind == "upstream" else DNSTREAM_PLACEHOLDERS
+    try:
+        compile_template(text, allowed)
+    except ValueError as exc:
+        hint = ""
+        if kind == "dnstream" and "+" in text:
+            hint = ("; the gateway subscribes to it with ${cid} replaced by '+' and "
+                    "routes by that level")
+        raise Invalid(f"{exc}{hint}") from None
+    return text
+
+
+def check_mqtt_url(value):
+    """``mqtt://host[:port]`` -> (host, port)."""
+    text = _scalar(value)
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError:  # bad port or bracket; the text holds no password (checked below)
+        url, port = None, None
+    if url is not None and (url.username is not None or url.password is not None):
+        # Never echo the URL: it would put the password in the journal.
+        raise Invalid("put the user name and password in mqtt.username and "
+                      "mqtt.password, not in the URL")
+    if url is not None and url.scheme == "mqtts":
+        raise Invalid("TLS to the broker is not supported yet; use mqtt://host:port")
+    if (url is None or url.scheme != "mqtt" or not url.hostname or port == 0
+            or url.path not in ("", "/") or url.query or url.fragment):
+        raise Invalid(f"must look like mqtt://host:port (the port defaults to 1883), "
+                      f"got {text!r}")
+    return url.hostname, port or 1883
+
+
+def check_client_id(value):
+    """Replace ``${hostname}``; no other placeholder is known."""
+    text = _scalar(value)
+    bad = re.search(r"\$\{[^}]*\}?", text.replace("${hostname}", ""))
+    if bad:
+        raise Invalid(f"unknown placeholder {bad[0]} (known: ${{hostname}})")
+    rendered = text.replace("${hostname}", socket.gethostname())
+    if not 1 <= len(rendered) <= 128:
+        raise Invalid(f"must be 1 to 128 characters once ${{hostname}} is replaced, "
+                      f"got {len(rendered)}")
+    return rendered
+
+
+_CHECKS = {
+    "string": check_string, "integer": check_integer, "boolean": check_boolean,
+    "option": check_option, "duration": check_duration, "size": check_size,
+    "listen": check_listen, "url_path": check_url_path, "subprotocols": check_subprotocols,
+    "mountpoint": check_mountpoint, "topic_template": check_topic_template,
+    "mqtt_url": check_mqtt_url, "client_id": check_client_id,
+}
+
+_SPEC_LINES = (resources.files("ocpp_edge") / "configspec.ini").read_text("utf-8").splitlines()
+_SPEC_KEYS = tuple(ConfigObj(_SPEC_LINES, list_values=False, interpolation=False).scalars)
+
+# ---------------------------------------------------------------------------------------
+# Reading the file.
+
+_OVERRIDE = re.compile(r"ocpp\.upstream\.topic\.(.*)", re.DOTALL)
+_ACTION = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# The key of a ``key = value`` line and the name of a ``[section]`` line, as configobj
+# reads them (configobj keeps no line numbers, so we find them in the text ourselves).
+_KEY_LINE = re.compile(r"""\s*(?:"([^"]*)"|'([^']*)'|([^\s'"=\[#][^=]*?))\s*=""")
+_SECTION_LINE = re.compile(r"""\s*\[+\s*(?:"([^"]*)"|'([^']*)'|([^\]]*?))\s*\]""")
+
+
+class _Problem(NamedTuple):
+    line: int | None
+    key: str | None
+    message: str
+
+
+def _first_lines(lines: list[str], pattern: re.Pattern) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        m = pattern.match(line)
+        if m:
+            found.setdefault(next(g for g in m.groups() if g is not None), number)
+    return found
+
+
+def _cut_by_comment(raw: str, value: object, comment: str | None) -> bool:
+    """True when an unquoted ``#`` right after the value (``secret#2``) made configobj
+    cut it short; a comment after a space (``value  # note``) is fine."""
+    comment = (comment or "").rstrip()
+    raw = raw.rstrip()
+    if not comment or not isinstance(value, str) or not raw.endswith(comment):
+        return False
+    before = raw[:-len(comment)]
+    return not (before[-1:].isspace() or before[-1:] in ("", "=", '"', "'"))
+
+
+def _parse_problem(error: ConfigObjError, key_lines: dict[str, int]) -> _Problem:
+    m = _KEY_LINE.match(error.line)
+    key = next((g for g in m.groups() if g is not None), None) if m else None
+    if isinstance(error, DuplicateError) and key is not None:
+        return _Problem(error.line_number, key,
+                        f"is set twice (first on line {key_lines[key]})")
+    if isinstance(error, NestingError | DuplicateError):
+        return _Problem(error.line_number, None, "sections are not used; write dotted keys "
+                        "like ocpp.mountpoint = ocpp/")
+    if key is not None:
+        return _Problem(error.line_number, key, "cannot read the value: check its quotes "
+                        "(a value holding a quote, ',' or '#' must be quoted as a whole)")
+    # The line is not echoed: it may hold a password.
+    return _Problem(error.line_number, None, "expected a 'key = value' line")
+
+
+def _raise(problems: list[_Problem], source: str) -> NoReturn:
+    problems = sorted(problems, key=lambda p: (p.line is None, p.line or 0))
+    first = problems[0]
+    message = first.message + "".join(
+        f"\n{ConfigError(p.message, key=p.key, line=p.line, path=source)}"
+        for p in problems[1:])
+    raise ConfigError(message, key=first.key, line=first.line, path=source)
+
+
+def load(path: str) -> Settings:
+    """Read and check the file at ``path``; raise ConfigError naming every problem."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file: {exc.strerror}",
+                          path=path) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("the file is not UTF-8 text", path=path,
+                          line=data[:exc.start].count(b"\n") + 1) from None
+    return load_text(text, source=path)
+
+
+def defaults() -> Settings:
+    return load_text("")
+
+
+def load_text(text: str, source: str = "<string>") -> Settings:
+    """Check ``text`` as if read from the file ``source``."""
+    lines = text.splitlines()
+    key_lines = _first_lines(lines, _KEY_LINE)
+    problems: list[_Problem] = []
+
+    try:
+        parsed = ConfigObj(lines, interpolation=False, raise_errors=False, file_error=False)
+    except ConfigObjError as exc:
+        problems = [_parse_problem(e, key_lines) for e in exc.errors]
+    if problems:
+        _raise(problems, source)
+
+    section_lines = _first_lines(lines, _SECTION_LINE)
+    for name in parsed.sections:
+        problems.append(_Problem(section_lines.get(name), None, f"sections like [{name}] are "
+                                 "not used; write dotted keys like ocpp.mountpoint = ocpp/"))
+
+    values: dict[str, str | list[str]] = {}
+    overrides: dict[str, str] = {}
+    for key in parsed.scalars:
+        line, value = key_lines.get(key), parsed[key]
+        override = _OVERRIDE.fullmatch(key)
+        if key not in _SPEC_KEYS and not override:
+            near = difflib.get_close_matches(key, _SPEC_KEYS, n=1, cutoff=0.85)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            problems.append(_Problem(line, key, f"unknown key{hint}"))
+        elif line and _cut_by_comment(lines[line - 1], value, parsed.inline_comments.get(key)):
+            problems.append(_Problem(line, key, "'#' starts a comment and cut this value "
+                                     "short; put the value in quotes if '#' belongs to it"))
+        elif not override:
+            values[key] = value
+        elif not _ACTION.fullmatch(override[1]):
+            problems.append(_Problem(line, key, f"{override[1]!r} is not an OCPP action name "
+                                     "(letters, digits and '_', e.g. BootNotification)"))
+        else:
+            try:
+                overrides[override[1]] = check_topic_template(value, "upstream")
+            except Invalid as exc:
+                problems.append(_Problem(line, key, str(exc)))
+
+    checked = ConfigObj(values, configspec=_SPEC_LINES, interpolation=False)
+    results = checked.validate(_validate.Validator(_CHECKS), preserve_errors=True)
+    if results is not True:
+        problems += [_Problem(key_lines.get(key), key, str(result))
+                     for key, result in results.items() if result is not True]
+    if not problems:
+        problems = _cross_checks(checked, key_lines)
+    if problems:
+        _raise(problems, source)
+    return _settings(checked, overrides, source)
+
+
+def _cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[_Problem]:
+    problems = []
+    if v["ocpp.default_subprotocol"] not in v["ocpp.subprotocols"]:
+        key = "ocpp.default_subprotocol"
+        line = key_lines.get(key) or key_lines.get("ocpp.subprotocols")
+        problems.append(_Problem(line, key, f"{v[key]} is not in ocpp.subprotocols "
+                                 f"({', '.join(v['ocpp.subprotocols'])}); set "
+                                 f"{key} to one of them"))
+    if v["mqtt.reconnect_delay_max"] < v["mqtt.reconnect_delay_min"]:
+        key = "mqtt.reconnect_delay_max"
+        line = key_lines.get(key) or key_lines.get("mqtt.reconnect_delay_min")
+        problems.append(_Problem(line, key, "must not be less than mqtt.reconnect_delay_min "
+                                 f"({v['mqtt.reconnect_delay_min']:g}s), got "
+                                 f"{v[key]:g}s"))
+    # The gateway subscribes to mountpoint + topic with the ${cid} level replaced by '+'
+    # and reads the charge point id from that level (SPEC "Downstream").
+    mountpoint, topic = v["ocpp.mountpoint"], v["ocpp.dnstream.topic"]
+    levels = (mountpoint + topic.replace("${clientid}", "${cid}")).split("/")
+    if levels.count("${cid}") != 1 or topic.count("${") != 1:
+        key = "ocpp.dnstream.topic"
+        hint = ""
+        if topic.startswith("${") and mountpoint and not mountpoint.endswith("/"):
+            hint = f" (ocpp.mountpoint {mountpoint!r} does not end with '/')"
+        problems.append(_Problem(key_lines.get(key), key, "must contain ${cid} (or "
+                                 "${clientid}) exactly once, as a whole topic level, e.g. "
+                                 f"cs/${{cid}}, got {topic!r}{hint}"))
+    return problems
+
+
+def _settings(v: ConfigObj, overrides: dict[str, str], source: str) -> Settings:
+    host, port = v["mqtt.server"]
+    return Settings(
+        ocpp=OcppSettings(
+            listener_ws=v["ocpp.listener.ws"],
+            path=v["ocpp.path"],
+            subprotocols=v["ocpp.subprotocols"],
+            default_subprotocol=v["ocpp.default_subprotocol"],
+            fail_if_no_subprotocol=v["ocpp.fail_if_no_subprotocol"],
+            max_frame_size=v["ocpp.max_frame_size"],
+            mountpoint=v["ocpp.mountpoint"],
+            upstream_topic=v["ocpp.upstream.topic"],
+            upstream_topic_overrides=types.MappingProxyType(overrides),
+            upstream_reply_topic=v["ocpp.upstream.reply_topic"],
+            upstream_error_topic=v["ocpp.upstream.error_topic"],
+            dnstream_topic=v["ocpp.dnstream.topic"],
+        ),
+        mqtt=MqttSettings(
+            host=host,
+            port=port,
+            client_id=v["mqtt.client_id"],
+            username=v["mqtt.username"] or None,
+            password=v["mqtt.password"] or None,
+            qos=v["mqtt.qos"],
+            clean_session=v["mqtt.clean_session"],
+            keepalive=v["mqtt.keepalive"],
+            reconnect_delay_min=v["mqtt.reconnect_delay_min"],
+            reconnect_delay_max=v["mqtt.reconnect_delay_max"],
+            max_inflight=v["mqtt.max_inflight"],
+        ),
+        buffer=BufferSettings(
+            max_messages=v["buffer.max_messages"],
+            max_bytes=v["buffer.max_bytes"],
+            overflow=v["buffer.overflow"],
+        ),
+        log=LogSettings(level=v["log.level"]),
+        source=source,
+    )

@@ -1,0 +1,478 @@
+"""ocpp_edge.config: reading /etc/ocpp-edge.conf (SPEC "Configuration")."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from ocpp_edge import config
+from ocpp_edge.config import Listen, load, load_text
+from ocpp_edge.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "ocpp-edge.conf"
+
+# Every key of the file, as the product documents it (anything else is an error).
+KEYS = [
+    "ocpp.listener.ws", "ocpp.path", "ocpp.subprotocols", "ocpp.default_subprotocol",
+    "ocpp.fail_if_no_subprotocol", "ocpp.max_frame_size", "ocpp.mountpoint",
+    "ocpp.upstream.topic", "ocpp.upstream.reply_topic", "ocpp.upstream.error_topic",
+    "ocpp.dnstream.topic", "mqtt.server", "mqtt.client_id", "mqtt.username",
+    "mqtt.password", "mqtt.qos", "mqtt.clean_session", "mqtt.keepalive",
+    "mqtt.reconnect_delay_min", "mqtt.reconnect_delay_max", "mqtt.max_inflight",
+    "buffer.max_messages", "buffer.max_bytes", "buffer.overflow", "log.level",
+]
+
+FILLER = "# a comment\n\nocpp.upstream.topic.Heartbeat = cp/${cid}/hb\n"  # tested lines start at 4
+
+
+def error_of(text: str, source: str = "x.conf") -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_text(text, source)
+    return info.value
+
+
+def one(key: str, value: str) -> config.Settings:
+    return load_text(f"{key} = {value}\n")
+
+
+# -- defaults and the shipped file -------------------------------------------------------
+
+def test_empty_file_gives_the_shipped_file():
+    shipped = load(str(SHIPPED))
+    assert shipped.source == str(SHIPPED)
+    assert dataclasses.replace(shipped, source="<string>") == load_text("") == config.defaults()
+
+
+def test_defaults():
+    s = config.defaults()
+    assert s.ocpp == config.OcppSettings(
+        listener_ws=Listen("0.0.0.0", 33033), path="/ocpp",
+        subprotocols=("ocpp1.6", "ocpp2.0.1", "ocpp2.1"), default_subprotocol="ocpp1.6",
+        fail_if_no_subprotocol=False, max_frame_size=256 * 1024, mountpoint="ocpp/",
+        upstream_topic="cp/${cid}", upstream_topic_overrides={},
+        upstream_reply_topic="cp/${cid}/Reply", upstream_error_topic="cp/${cid}/Reply",
+        dnstream_topic="cs/${cid}")
+    assert s.mqtt == config.MqttSettings(
+        host="127.0.0.1", port=1883, client_id=f"ocpp-edge-{socket.gethostname()}",
+        username=None, password=None, qos=1, clean_session=True, keepalive=60.0,
+        reconnect_delay_min=1.0, reconnect_delay_max=60.0, max_inflight=200)
+    assert s.buffer == config.BufferSettings(100000, 64 * 1024 * 1024, "drop_oldest")
+    assert s.log == config.LogSettings("info")
+    assert s.source == "<string>"
+
+
+def test_shipped_file_sets_and_documents_every_key_once():
+    lines = SHIPPED.read_text().splitlines()
+    written = [(i, m[1], m[2]) for i, line in enumerate(lines)
+               if (m := re.match(r"([a-z_.]+) =\s*(.*)$", line))]
+    assert [key for _, key, _ in written] == KEYS
+    for i, key, value in written:
+        block = []
+        for line in reversed(lines[:i]):
+            if not line.startswith("##"):
+                break
+            block.append(line)
+        assert any(line.startswith("## Value: ") for line in block), key
+        assert f"## Default: {value or '(empty)'}" in block, key
+
+
+def test_shipped_file_says_how_to_check_it():
+    assert "ocpp-edge --check-config --config /etc/ocpp-edge.conf" in SHIPPED.read_text()
+
+
+def test_settings_are_frozen():
+    s = config.defaults()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.mqtt.qos = 2
+    with pytest.raises(TypeError):
+        s.ocpp.upstream_topic_overrides["Heartbeat"] = "x"
+
+
+# -- value types -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [
+    ("30s", 30.0), ("5m", 300.0), ("100ms", 0.1), ("1h", 3600.0), ("2d", 172800.0),
+    ("45", 45.0), ("1.5s", 1.5), ("2M", 120.0), ("10 s", 10.0),
+])
+def test_durations(text, seconds):
+    assert config.parse_duration(text) == pytest.approx(seconds)
+    s = load_text(f"mqtt.reconnect_delay_min = 1ms\nmqtt.reconnect_delay_max = {text}\n")
+    assert s.mqtt.reconnect_delay_max == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text, size", [
+    ("512B", 512), ("64KB", 64 << 10), ("256MB", 256 << 20), ("1GB", 1 << 30),
+    ("2048", 2048), ("1KiB", 1024), ("16MiB", 16 << 20), ("64kb", 64 << 10),
+    ("2gib", 2 << 30), ("1.5KB", 1536),
+])
+def test_sizes(text, size):
+    assert config.parse_size(text) == size
+    if size >= 1024:
+        assert one("buffer.max_bytes", text).buffer.max_bytes == size
+
+
+@pytest.mark.parametrize("text, listen", [
+    ("off", None), ("OFF", None), ("8080", Listen("0.0.0.0", 8080)),
+    ("127.0.0.1:9000", Listen("127.0.0.1", 9000)), ("[::1]:9000", Listen("::1", 9000)),
+    ("[::]:33033", Listen("::", 33033)), ("localhost:0", Listen("localhost", 0)),
+    ("0.0.0.0:65535", Listen("0.0.0.0", 65535)),
+])
+def test_listen(text, listen):
+    assert one("ocpp.listener.ws", text).ocpp.listener_ws == listen
+
+
+@pytest.mark.parametrize("text, value", [
+    ("true", True), ("false", False), ("True", True), ("yes", True), ("no", False),
+    ("on", True), ("off", False), ("1", True), ("0", False),
+])
+def test_booleans(text, value):
+    assert one("mqtt.clean_session", text).mqtt.clean_session is value
+    assert one("ocpp.fail_if_no_subprotocol", text).ocpp.fail_if_no_subprotocol is value
+
+
+@pytest.mark.parametrize("text, host, port", [
+    ("mqtt://broker.local", "broker.local", 1883),
+    ("mqtt://10.0.0.5:1884", "10.0.0.5", 1884),
+    ("mqtt://[::1]:1885", "::1", 1885),
+    ("mqtt://[fd00::2]", "fd00::2", 1883),
+    ("MQTT://broker/", "broker", 1883),
+])
+def test_mqtt_server(text, host, port):
+    s = one("mqtt.server", text)
+    assert (s.mqtt.host, s.mqtt.port) == (host, port)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("ocpp1.6, ocpp2.0.1, ocpp2.1", ("ocpp1.6", "ocpp2.0.1", "ocpp2.1")),
+    ("ocpp2.1, ocpp1.6", ("ocpp2.1", "ocpp1.6")),
+    ("ocpp1.6", ("ocpp1.6",)),
+    ('"ocpp1.6, ocpp2.0.1"', ("ocpp1.6", "ocpp2.0.1")),
+    ("OCPP1.6,ocpp2.0.1,", ("ocpp1.6", "ocpp2.0.1")),
+])
+def test_subprotocols_list(text, expected):
+    assert one("ocpp.subprotocols", text).ocpp.subprotocols == expected
+
+
+def test_default_subprotocol_in_list():
+    s = load_text("ocpp.subprotocols = ocpp2.0.1, ocpp2.1\nocpp.default_subprotocol = ocpp2.1\n")
+    assert s.ocpp.default_subprotocol == "ocpp2.1"
+
+
+def test_options_ignore_case():
+    assert one("log.level", "DEBUG").log.level == "debug"
+    assert one("log.level", "Warning").log.level == "warning"
+    assert one("buffer.overflow", "drop_newest").buffer.overflow == "drop_newest"
+
+
+def test_strings_and_quoting():
+    s = load_text('mqtt.username = site-7\n'
+                  'mqtt.password = "s3cr#t, really"   # quoted: keeps # and ,\n'
+                  "ocpp.upstream.topic = 'cp/${cid}/${action}'\n"
+                  'ocpp.upstream.reply_topic = cp/${cid}/${action}/reply  # a comment\n'
+                  "ocpp.mountpoint =\n"
+                  "ocpp.path = /ocpp/v16\n")
+    assert s.mqtt.username == "site-7"
+    assert s.mqtt.password == "s3cr#t, really"
+    assert s.ocpp.upstream_topic == "cp/${cid}/${action}"
+    assert s.ocpp.upstream_reply_topic == "cp/${cid}/${action}/reply"
+    assert s.ocpp.mountpoint == ""
+    assert s.ocpp.path == "/ocpp/v16"
+
+
+def test_client_id_renders_hostname(monkeypatch):
+    monkeypatch.setattr(socket, "gethostname", lambda: "pi-site-7")
+    assert config.defaults().mqtt.client_id == "ocpp-edge-pi-site-7"
+    assert one("mqtt.client_id", "gw-${hostname}-a").mqtt.client_id == "gw-pi-site-7-a"
+    assert one("mqtt.client_id", "fixed").mqtt.client_id == "fixed"
+
+
+def test_integers():
+    s = load_text("mqtt.qos = 2\nmqtt.max_inflight = 65535\nbuffer.max_messages = 1\n")
+    assert (s.mqtt.qos, s.mqtt.max_inflight, s.buffer.max_messages) == (2, 65535, 1)
+
+
+# -- errors: key and line ----------------------------------------------------------------
+
+def test_unknown_key_names_key_and_line():
+    exc = error_of(FILLER + "ocpp.foo = 1\n")
+    assert (exc.key, exc.line, exc.path) == ("ocpp.foo", 4, "x.conf")
+    assert str(exc) == "x.conf:4, key 'ocpp.foo': unknown key"
+
+
+def test_unknown_key_suggests_a_near_one():
+    exc = error_of(FILLER + "mqtt.keep_alive = 30s\n")
+    assert str(exc) == "x.conf:4, key 'mqtt.keep_alive': unknown key (did you mean mqtt.keepalive?)"
+
+
+def test_line_is_where_the_key_is_written():
+    text = "log.level = info\n\n  # ocpp.bogus = 1 (a comment, not the key)\n\n   ocpp.bogus = 2\n"
+    assert error_of(text).line == 5
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mqtt.qos", "3", "must be 1 or 2, got '3'"),
+    ("mqtt.qos", "one", "must be a whole number, got 'one'"),
+    ("mqtt.max_inflight", "0", "must be between 1 and 65535, got '0'"),
+    ("buffer.max_messages", "0", "must be at least 1, got '0'"),
+    ("mqtt.clean_session", "maybe", "must be true or false, got 'maybe'"),
+    ("mqtt.keepalive", "2h", "must be between 5s and 1h, got '2h'"),
+    ("mqtt.keepalive", "soon",
+     "must be a duration like 30s, 5m, 100ms, 1h or 2d (a bare number is seconds), got 'soon'"),
+    ("mqtt.keepalive", "-30s", "must not be negative, got '-30s'"),
+    ("mqtt.reconnect_delay_min", "0s", "must be at least 1ms, got '0s'"),
+    ("ocpp.max_frame_size", "32MB", "must be between 1KB and 16MB, got '32MB'"),
+    ("ocpp.max_frame_size", "lots",
+     "must be a size like 512B, 64KB, 256MB or 1GB (a bare number is bytes), got 'lots'"),
+    ("buffer.max_bytes", "512B", "must be at least 1KB, got '512B'"),
+    ("buffer.max_bytes", "-1KB", "must not be negative, got '-1KB'"),
+    ("buffer.overflow", "drop_all", "must be one of drop_oldest, drop_newest, got 'drop_all'"),
+    ("log.level", "verbose", "must be one of debug, info, warning, error, got 'verbose'"),
+    ("ocpp.listener.ws", "70000", "the port must be 0 to 65535, got '70000'"),
+    ("ocpp.listener.ws", "::1:80",
+     "must be off, a port, host:port or [IPv6]:port, got '::1:80'"),
+    ("ocpp.path", "ocpp", "must start with '/', got 'ocpp'"),
+    ("ocpp.path", "/ocpp/",
+     "must not end with '/' (charge points connect to <path>/<id>), got '/ocpp/'"),
+    ("ocpp.path", "/oc%70p",
+     "must be a plain URL path without '//', '%', '?', '#' or spaces, got '/oc%70p'"),
+    ("ocpp.subprotocols", "ocpp1.6, ocpp1.5",
+     "'ocpp1.5' is not one of ocpp1.6, ocpp2.0.1, ocpp2.1"),
+    ("ocpp.subprotocols", "ocpp1.6, ocpp1.6", "lists ocpp1.6 twice"),
+    ("ocpp.subprotocols", "", "must list at least one of ocpp1.6, ocpp2.0.1, ocpp2.1"),
+    ("ocpp.default_subprotocol", "ocpp1.5",
+     "must be one of ocpp1.6, ocpp2.0.1, ocpp2.1, got 'ocpp1.5'"),
+    ("ocpp.mountpoint", "ocpp/+/", "cannot contain '+'"),
+    ("ocpp.mountpoint", "ocpp/${cid}/", "cannot contain placeholders"),
+    ("ocpp.upstream.topic", "", "a topic template cannot be empty"),
+    ("ocpp.upstream.topic", "cp/+/${cid}", "a topic template cannot contain '+'"),
+    ("mqtt.server", "mqtts://broker:8883", "TLS to the broker is not supported yet; use mqtt://host:port"),
+    ("mqtt.server", "tcp://broker:1883",
+     "must look like mqtt://host:port (the port defaults to 1883), got 'tcp://broker:1883'"),
+    ("mqtt.server", "mqtt://broker:99999",
+     "must look like mqtt://host:port (the port defaults to 1883), got 'mqtt://broker:99999'"),
+    ("mqtt.server", "mqtt://broker/topic",
+     "must look like mqtt://host:port (the port defaults to 1883), got 'mqtt://broker/topic'"),
+    ("mqtt.client_id", "gw-${host}", "unknown placeholder ${host} (known: ${hostname})"),
+    ("mqtt.client_id", "x" * 129,
+     "must be 1 to 128 characters once ${hostname} is replaced, got 129"),
+    ("mqtt.client_id", "", "must be 1 to 128 characters once ${hostname} is replaced, got 0"),
+    ("mqtt.username", "a, b",
+     "a comma makes this a list; put the value in quotes if the comma belongs to it"),
+])
+def test_bad_value_names_key_and_line(key, value, message):
+    exc = error_of(f"{FILLER}{key} = {value}\n")
+    assert (exc.key, exc.line) == (key, 4)
+    assert str(exc) == f"x.conf:4, key '{key}': {message}"
+
+
+def test_credentials_in_the_broker_url_are_not_echoed():
+    exc = error_of("mqtt.server = mqtt://gw:hunter2@broker\n")
+    assert "hunter2" not in str(exc)
+    assert exc.reason == ("put the user name and password in mqtt.username and "
+                          "mqtt.password, not in the URL")
+
+
+def test_hash_that_cuts_a_value_is_an_error():
+    exc = error_of(FILLER + "mqtt.password = s3cr#t\n")
+    assert (exc.key, exc.line) == ("mqtt.password", 4)
+    assert exc.reason == ("'#' starts a comment and cut this value short; put the value "
+                          "in quotes if '#' belongs to it")
+    assert "s3cr" not in str(exc)
+
+
+# -- topic templates ----------------------------------------------------------------------
+
+UPSTREAM_KNOWN = "(known: ${action}, ${cid}, ${clientid}, ${id}, ${proto}, ${type})"
+
+
+@pytest.mark.parametrize("key", [
+    "ocpp.upstream.topic", "ocpp.upstream.reply_topic", "ocpp.upstream.error_topic",
+    "ocpp.upstream.topic.BootNotification",
+])
+def test_unknown_upstream_placeholder_names_key_line_and_placeholder(key):
+    exc = error_of(f"{FILLER}{key} = cp/${{cid}}/${{chargerid}}\n")
+    assert (exc.key, exc.line) == (key, 4)
+    assert str(exc) == f"x.conf:4, key '{key}': unknown placeholder ${{chargerid}} {UPSTREAM_KNOWN}"
+
+
+def test_unknown_dnstream_placeholder():
+    exc = error_of(FILLER + "ocpp.dnstream.topic = cs/${cid}/${action}\n")
+    assert str(exc) == ("x.conf:4, key 'ocpp.dnstream.topic': unknown placeholder ${action} "
+                        "(known: ${cid}, ${clientid})")
+
+
+def test_unterminated_placeholder():
+    exc = error_of(FILLER + "ocpp.upstream.topic = cp/${cid\n")
+    assert str(exc) == "x.conf:4, key 'ocpp.upstream.topic': unterminated placeholder in 'cp/${cid'"
+
+
+@pytest.mark.parametrize("topic", ["cs/${clientid}", "${cid}", "a/${cid}/b", "cs/${cid}/"])
+def test_dnstream_topic_accepted(topic):
+    assert one("ocpp.dnstream.topic", topic).ocpp.dnstream_topic == topic
+
+
+@pytest.mark.parametrize("topic", ["cs", "cs/x${cid}", "cs/${cid}/${clientid}",
+                                   "cs/${cid}/${cid}", "cs/${cid}x"])
+def test_dnstream_topic_needs_cid_once_as_a_whole_level(topic):
+    exc = error_of(f"{FILLER}ocpp.dnstream.topic = {topic}\n")
+    assert (exc.key, exc.line) == ("ocpp.dnstream.topic", 4)
+    assert exc.reason == ("must contain ${cid} (or ${clientid}) exactly once, as a whole "
+                          f"topic level, e.g. cs/${{cid}}, got {topic!r}")
+
+
+def test_dnstream_level_counts_the_mountpoint():
+    assert load_text("ocpp.mountpoint = ocpp/\nocpp.dnstream.topic = ${cid}\n")
+    exc = error_of("ocpp.mountpoint = ocpp\nocpp.dnstream.topic = ${cid}\n")
+    assert (exc.key, exc.line) == ("ocpp.dnstream.topic", 2)
+    assert exc.reason.endswith("(ocpp.mountpoint 'ocpp' does not end with '/')")
+
+
+def test_per_action_overrides():
+    s = load_text("ocpp.upstream.topic.BootNotification = cp/${cid}/Boot\n"
+                  "ocpp.upstream.topic.MeterValues = 'cp/${cid}/meter/${id}'\n"
+                  "ocpp.upstream.topic.Data_Transfer2 = dt/${cid}\n")
+    assert dict(s.ocpp.upstream_topic_overrides) == {
+        "BootNotification": "cp/${cid}/Boot", "MeterValues": "cp/${cid}/meter/${id}",
+        "Data_Transfer2": "dt/${cid}"}
+    assert s.ocpp.upstream_topic == "cp/${cid}"
+
+
+@pytest.mark.parametrize("action", ["Boot-Notification", "1Boot", "", "Boot.Notification"])
+def test_per_action_override_needs_an_action_name(action):
+    key = f"ocpp.upstream.topic.{action}"
+    exc = error_of(f"{FILLER}{key} = cp/${{cid}}\n")
+    assert (exc.key, exc.line) == (key, 4)
+    assert exc.reason == (f"{action!r} is not an OCPP action name (letters, digits and '_', "
+                          "e.g. BootNotification)")
+
+
+def test_emqx_spelling_of_keys():
+    # Pasted from the EMQX 4.x OCPP gateway docs (plugins/emqx_ocpp.conf).
+    s = load_text(
+        "## plugins/emqx_ocpp.conf\n"
+        "ocpp.mountpoint = ocpp/\n"
+        "## OCPP gateway will publish all Charge Point messages to this topic.\n"
+        "ocpp.upstream.topic = ocpp/cp/${cid}/${action}\n"
+        "\n"
+        "## Supports overriding the default topic by message name\n"
+        "ocpp.upstream.topic.BootNotification = ocpp/cp/${cid}/Notify/${action}\n"
+        "ocpp.upstream.reply_topic = ocpp/cp/Reply/${cid}\n"
+        "ocpp.upstream.error_topic = ocpp/cp/Error/${cid}\n"
+        "ocpp.dnstream.topic = ocpp/cs/${clientid}\n")
+    assert s.ocpp.mountpoint == "ocpp/"
+    assert s.ocpp.upstream_topic == "ocpp/cp/${cid}/${action}"
+    assert dict(s.ocpp.upstream_topic_overrides) == {
+        "BootNotification": "ocpp/cp/${cid}/Notify/${action}"}
+    assert s.ocpp.upstream_reply_topic == "ocpp/cp/Reply/${cid}"
+    assert s.ocpp.upstream_error_topic == "ocpp/cp/Error/${cid}"
+    assert s.ocpp.dnstream_topic == "ocpp/cs/${clientid}"
+
+
+def test_emqx_wildcard_dnstream_example_is_explained():
+    exc = error_of(FILLER + "ocpp.dnstream.topic = ocpp/cs/${cid}/+/+\n")
+    assert str(exc) == ("x.conf:4, key 'ocpp.dnstream.topic': a topic template cannot contain "
+                        "'+'; the gateway subscribes to it with ${cid} replaced by '+' and "
+                        "routes by that level")
+
+
+# -- relations between keys -------------------------------------------------------------
+
+def test_default_subprotocol_must_be_offered():
+    exc = error_of(FILLER + "ocpp.subprotocols = ocpp2.0.1\n")
+    # ocpp.default_subprotocol is not written: point at the line that made it wrong.
+    assert (exc.key, exc.line) == ("ocpp.default_subprotocol", 4)
+    assert exc.reason == ("ocpp1.6 is not in ocpp.subprotocols (ocpp2.0.1); set "
+                          "ocpp.default_subprotocol to one of them")
+    exc = error_of("ocpp.subprotocols = ocpp2.0.1\nocpp.default_subprotocol = ocpp2.1\n")
+    assert (exc.key, exc.line) == ("ocpp.default_subprotocol", 2)
+
+
+def test_reconnect_delay_max_not_below_min():
+    exc = error_of("mqtt.reconnect_delay_max = 5s\nmqtt.reconnect_delay_min = 10s\n")
+    assert str(exc) == ("x.conf:1, key 'mqtt.reconnect_delay_max': must not be less than "
+                        "mqtt.reconnect_delay_min (10s), got 5s")
+
+
+# -- file syntax ---------------------------------------------------------------------------
+
+def test_unbalanced_quote_names_line():
+    exc = error_of(FILLER + 'mqtt.password = "s3cret\nmqtt.qos = 1\n')
+    assert (exc.key, exc.line) == ("mqtt.password", 4)
+    assert str(exc) == ("x.conf:4, key 'mqtt.password': cannot read the value: check its "
+                        "quotes (a value holding a quote, ',' or '#' must be quoted as a whole)")
+
+
+def test_key_set_twice():
+    exc = error_of(FILLER + "mqtt.qos = 1\nmqtt.qos = 2\n")
+    assert str(exc) == "x.conf:5, key 'mqtt.qos': is set twice (first on line 4)"
+
+
+def test_line_without_equals():
+    exc = error_of(FILLER + "mqtt.qos 1\n")
+    assert (exc.key, exc.line) == (None, 4)
+    assert str(exc) == "x.conf:4: expected a 'key = value' line"
+
+
+@pytest.mark.parametrize("text", ["[mqtt]\nqos = 1\n", "[[mqtt]]\n"])
+def test_sections_are_an_error(text):
+    exc = error_of(FILLER + text)
+    assert exc.line == 4
+    assert "sections" in exc.reason
+    assert "write dotted keys like ocpp.mountpoint = ocpp/" in exc.reason
+
+
+def test_every_problem_is_listed_in_file_order():
+    exc = error_of("mqtt.qos = 3\n"
+                   "log.level = info\n"
+                   "bogus = 1\n"
+                   "mqtt.keepalive = 1s\n")
+    assert (exc.key, exc.line) == ("mqtt.qos", 1)
+    assert str(exc).splitlines() == [
+        "x.conf:1, key 'mqtt.qos': must be 1 or 2, got '3'",
+        "x.conf:3, key 'bogus': unknown key",
+        "x.conf:4, key 'mqtt.keepalive': must be between 5s and 1h, got '1s'",
+    ]
+
+
+# -- files -------------------------------------------------------------------------------
+
+def test_missing_file_names_the_path(tmp_path):
+    path = str(tmp_path / "nope.conf")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert (info.value.path, info.value.key, info.value.line) == (path, None, None)
+    assert str(info.value) == (f"{path}: cannot read the configuration file: "
+                               "No such file or directory")
+
+
+def test_directory_is_not_a_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(str(tmp_path))
+    assert str(info.value).startswith(f"{tmp_path}: cannot read the configuration file: ")
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "ocpp-edge.conf"
+    path.write_text("# site 7\nmqtt.qos = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value) == f"{path}:2, key 'mqtt.qos': must be 1 or 2, got '3'"
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "latin1.conf"
+    path.write_bytes(b"log.level = info\nmqtt.password = \xe9t\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert (info.value.line, info.value.reason) == (2, "the file is not UTF-8 text")
+
+
+def test_utf8_bom_and_crlf(tmp_path):
+    path = tmp_path / "windows.conf"
+    path.write_bytes(b"\xef\xbb\xbfmqtt.qos = 2\r\nmqtt.username = b\xc3\xa9a\r\n")
+    s = load(str(path))
+    assert (s.mqtt.qos, s.mqtt.username, s.source) == (2, "béa", str(path))
