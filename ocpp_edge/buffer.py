@@ -33,7 +33,7 @@ class Record:
         self.seq = seq  # the buffer's own identity of this message; paho's mid is not
         self.topic = topic
         self.payload = payload
-        self.size = len(topic) + len(payload) + _RECORD_OVERHEAD
+        self.size = len(topic.encode()) + len(payload) + _RECORD_OVERHEAD
         self.acked = False
 
     def __repr__(self) -> str:

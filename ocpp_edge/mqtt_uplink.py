@@ -20,9 +20,12 @@ connection, every record in flight is rewound and published again after reconnec
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
 import random
 import socket
+import subprocess
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
@@ -121,22 +124,32 @@ class MqttUplink:
 
     # -- connecting ------------------------------------------------------------------------
 
+    async def _addresses(self) -> list[tuple[int, tuple]]:
+        """(family, sockaddr) pairs for the broker, without blocking the loop."""
+        try:
+            ip = ipaddress.ip_address(self.host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            return [(family, (self.host, self.port))]
+        return [(family, (addr, self.port)) for family, addr in await resolve(self.host)]
+
     async def _open_socket(self) -> socket.socket:
         loop = asyncio.get_running_loop()
-        # getaddrinfo is answered from /etc/hosts or the local resolver; an IP literal
-        # needs no lookup at all. (asyncio's async lookup would start a thread.)
-        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         error: Exception = OSError(f"no address for {self.host}")
-        for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
-            sock.setblocking(False)
-            # Nagle would add up to 40 ms per round trip (notes/performance.md).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for family, addr in await self._addresses():
+            sock = None
             try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                # Nagle would add up to 40 ms per round trip (notes/performance.md).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await asyncio.wait_for(loop.sock_connect(sock, addr), CONNECT_TIMEOUT)
                 return sock
             except (TimeoutError, OSError) as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 error = exc
         raise error
 
@@ -223,10 +236,13 @@ class MqttUplink:
         self._inflight.clear()
         self._client = None
         rewound = self.buffer.rewind()
-        if was_up:
+        if was_up and self._stopping:
+            log.info("MQTT disconnected from %s:%d", self.host, self.port)
+        elif was_up:
             log.warning("MQTT connection to %s:%d lost (%s); %d message(s) in flight will be "
                         "sent again, %d buffered", self.host, self.port, why, rewound,
                         len(self.buffer))
+        if was_up:
             self.on_state(False)
         self._schedule_retry("reconnecting" if was_up else why)
 
@@ -238,7 +254,7 @@ class MqttUplink:
         code = _rc(rc)
         if code != 0:
             log.error("broker %s:%d refused the connection: %s", self.host, self.port,
-                      mqtt.connack_string(code))
+                      mqtt.connack_string(rc))
             return  # paho closes the socket; _on_disconnect/_on_socket_close follow
         if self._connack_handle:
             self._connack_handle.cancel()
@@ -328,3 +344,57 @@ class MqttUplink:
                 self.buffer.rewind()
                 return
             self._inflight[info.mid] = rec
+
+
+async def resolve(host: str, timeout: float = CONNECT_TIMEOUT) -> list[tuple[int, str]]:
+    """Look ``host`` up without blocking the loop and without a thread.
+
+    ``socket.getaddrinfo`` blocks (for 10 s when the site's resolver is unreachable, which
+    is exactly when the uplink reconnects), and asyncio's non-blocking variant runs it in
+    a thread. ``getent ahosts`` (glibc, always on Debian) answers the same question from
+    the same sources (/etc/hosts, DNS, mDNS as nsswitch.conf says) in a child process
+    whose pipe the loop watches.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        proc = subprocess.Popen(["getent", "ahosts", host], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    except OSError:  # no getent: fall back to the blocking call
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return [(family, addr[0]) for family, _, _, _, addr in infos]
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if data:
+            chunks.append(data)
+        elif not done.done():
+            done.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        raise OSError(f"looking up {host} took more than {timeout:g} s") from None
+    finally:
+        loop.remove_reader(fd)
+        proc.stdout.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()  # it has closed its output (or was killed): this returns at once
+    found: list[tuple[int, str]] = []
+    for line in b"".join(chunks).decode("ascii", "replace").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1] == "STREAM":
+            family = socket.AF_INET6 if ":" in fields[0] else socket.AF_INET
+            found.append((family, fields[0]))
+    if not found:
+        raise OSError(f"cannot resolve {host}")
+    return found

@@ -16,6 +16,7 @@ charge point id), ``${action}``, ``${id}`` (UniqueId), ``${type}`` (MessageTypeI
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,6 +97,10 @@ def _safe_level_value(name: str, value: str) -> str:
     # sends can reach another charge point's topics (SPEC "Security").
     if not value or "/" in value or any(c in _TOPIC_FORBIDDEN for c in value):
         raise TopicError(f"{name} {value!r} cannot be used in a topic")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        raise TopicError(f"{name} {value!r} cannot be used in a topic") from None
     return value
 
 
@@ -148,6 +153,13 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def parse_downstream(payload: bytes | str) -> Message:
     """Turn a backend's EMQX-format JSON object into an OCPP-J message.
 
@@ -155,7 +167,7 @@ def parse_downstream(payload: bytes | str) -> Message:
     Payload; 4 needs UniqueId, ErrorCode, ErrorDescription (ErrorDetails optional).
     """
     try:
-        obj = json.loads(payload, parse_constant=_reject_constant)
+        obj = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise DownstreamError(f"payload is not JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -36,7 +36,7 @@ class TestMessageShapes:
     def test_whitespace_and_unicode_survive(self):
         msg = decode(' [ 2 , "a" , "DataTransfer" , {"data": "ümlaut ✓"} ] ')
         assert msg.payload == {"data": "ümlaut ✓"}
-        assert encode(msg) == '[2,"a","DataTransfer",{"data":"ümlaut ✓"}]'
+        assert encode(msg) == '[2,"a","DataTransfer",{"data":"\\u00fcmlaut \\u2713"}]'
 
     @pytest.mark.parametrize("msg", [
         Call("1", "Heartbeat", {}), CallResult("1", {"currentTime": "x"}),
@@ -117,6 +117,15 @@ class TestMalformed16:
     def test_callerror_fields_wrong_type(self):
         assert answer('[4,"id1",1,"d",{}]')[:3] == [4, "id1", "FormationViolation"]
         assert answer('[4,"id1","C","d",[]]')[:3] == [4, "id1", "FormationViolation"]
+
+    def test_lone_surrogate_survives_as_an_escape(self):
+        msg = decode('[2,"a","DataTransfer",{"data":"\\ud800"}]')
+        assert encode(msg) == '[2,"a","DataTransfer",{"data":"\\ud800"}]'
+        encode(msg).encode("utf-8")  # always valid UTF-8
+
+    @pytest.mark.parametrize("number", ["1e999", "-1e400"])
+    def test_numbers_beyond_float_range(self, number):
+        assert answer(f'[2,"a","MeterValues",{{"v":{number}}}]')[:2] == [4, "-1"]
 
     def test_deep_nesting_is_an_error_not_a_crash(self):
         assert answer("[" * 100_000)[:2] == [4, "-1"]

@@ -16,6 +16,7 @@ Frame shapes (OCPP-J 1.6 §4.1.3; OCPP 2.0.1 Part 4 §4.2; OCPP 2.1 Part 4 §4.2
 from __future__ import annotations
 
 import json
+import math
 
 from ocpp_edge.ocppj.errors import (
     UNKNOWN_ID,
@@ -44,7 +45,9 @@ _TYPES_FOR = {
     Version.V201: frozenset({2, 3, 4}),
     Version.V21: frozenset({2, 3, 4, 5, 6}),
 }
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# ASCII output: a lone surrogate (valid as a JSON escape, not as UTF-8) can never break a
+# WebSocket text frame or an MQTT payload, and the C encoder is fastest this way.
+_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 
 def _no_constants(name: str) -> float:
@@ -52,7 +55,14 @@ def _no_constants(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_no_constants)
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):  # 1e999 would come back out as Infinity
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
 
 
 def _is_action(value: object) -> bool:
