@@ -59,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(settings) -> int:
     from ocpp_edge.gateway import Gateway
+    from ocpp_edge.validation import SchemaError
 
-    gateway = Gateway(settings)
     try:
+        gateway = Gateway(settings)
         await gateway.start()
-    except OSError as exc:
+    except (OSError, SchemaError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     log.info("ocpp-edge %s running (config %s)", __version__, settings.source)

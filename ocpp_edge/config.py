@@ -8,11 +8,16 @@ Errors: every problem in the file is reported at once, in file order, one per li
 message; the ``ConfigError`` carries the first one's key and line. Relations between keys
 (``ocpp.default_subprotocol`` in ``ocpp.subprotocols``, ...) are checked once every single
 value is valid. A syntax error stops before the values are checked.
+
+EMQX's spellings ``ocpp.upstream.strit_mode`` and ``ocpp.dnstream.strit_mode`` set the
+same values as ``ocpp.*.strict_mode`` (both spellings of one key: an error); errors name
+the key as it is written in the file.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import socket
 import types
@@ -55,6 +60,21 @@ class OcppSettings:
     upstream_reply_topic: str
     upstream_error_topic: str
     dnstream_topic: str
+    handshake_timeout: float                    # seconds (all durations below too)
+    ping_interval: float                        # 0: no server pings
+    ping_timeout: float
+    default_heartbeat_interval: float
+    heartbeat_checking_times_backoff: int       # 0: no heartbeat checking
+    upstream_strict_mode: bool                  # also read from ocpp.upstream.strit_mode
+    upstream_awaiting_timeout: float
+    dnstream_strict_mode: bool                  # also read from ocpp.dnstream.strit_mode
+    dnstream_max_mqueue_len: int
+    dnstream_awaiting_timeout: float
+    dnstream_retry_interval: float
+    dnstream_max_retries: int
+    message_format_checking: str    # "all" | "upstream_only" | "dnstream_only" | "disable"
+    json_schema_dir: str | None                 # None: the schemas shipped with ocpp-edge
+    json_schema_id_prefix: str
 
 
 @dataclass(frozen=True)
@@ -296,6 +316,10 @@ def check_mqtt_url(value):
             or url.path not in ("", "/") or url.query or url.fragment):
         raise Invalid(f"must look like mqtt://host:port (the port defaults to 1883), "
                       f"got {text!r}")
+    try:
+        url.hostname.encode("idna")  # what the resolver will be asked
+    except UnicodeError:
+        raise Invalid(f"{url.hostname!r} is not a valid host name") from None
     return url.hostname, port or 1883
 
 
@@ -312,12 +336,29 @@ def check_client_id(value):
     return rendered
 
 
+def check_schema_dir(value):
+    """Empty -> None (the shipped schemas); otherwise an existing directory, absolute so
+    that ``--check-config`` run from a shell and the service agree on it."""
+    text = _scalar(value)
+    if not text:
+        return None
+    if not os.path.isabs(text):
+        raise Invalid(f"must be an absolute path (the service does not run from the "
+                      f"directory you are in), got {text!r}")
+    if not os.path.exists(text):
+        raise Invalid(f"{text!r} does not exist")
+    if not os.path.isdir(text):
+        raise Invalid(f"{text!r} is not a directory")
+    return text
+
+
 _CHECKS = {
     "string": check_string, "integer": check_integer, "boolean": check_boolean,
     "option": check_option, "duration": check_duration, "size": check_size,
     "listen": check_listen, "url_path": check_url_path, "subprotocols": check_subprotocols,
     "mountpoint": check_mountpoint, "topic_template": check_topic_template,
     "mqtt_url": check_mqtt_url, "client_id": check_client_id,
+    "schema_dir": check_schema_dir,
 }
 
 _SPEC_LINES = (resources.files("ocpp_edge") / "configspec.ini").read_text("utf-8").splitlines()
@@ -326,6 +367,11 @@ _SPEC_KEYS = tuple(ConfigObj(_SPEC_LINES, list_values=False, interpolation=False
 # ---------------------------------------------------------------------------------------
 # Reading the file.
 
+# EMQX 4.x spells these keys ``strit_mode``; either spelling sets the same value.
+_ALIASES = {
+    "ocpp.upstream.strit_mode": "ocpp.upstream.strict_mode",
+    "ocpp.dnstream.strit_mode": "ocpp.dnstream.strict_mode",
+}
 _OVERRIDE = re.compile(r"ocpp\.upstream\.topic\.(.*)", re.DOTALL)
 _ACTION = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # The key of a ``key = value`` line and the name of a ``[section]`` line, as configobj
@@ -425,18 +471,32 @@ def load_text(text: str, source: str = "<string>") -> Settings:
 
     values: dict[str, str | list[str]] = {}
     overrides: dict[str, str] = {}
+    written: dict[str, str] = {}  # spec key -> the key as written (it may be an alias)
     for key in parsed.scalars:
         line, value = key_lines.get(key), parsed[key]
         override = _OVERRIDE.fullmatch(key)
-        if key not in _SPEC_KEYS and not override:
+        name = _ALIASES.get(key, key)
+        if name not in _SPEC_KEYS and not override:
             near = difflib.get_close_matches(key, _SPEC_KEYS, n=1, cutoff=0.85)
             hint = f" (did you mean {near[0]}?)" if near else ""
             problems.append(_Problem(line, key, f"unknown key{hint}"))
+        elif name in written:  # both spellings of one key (configobj caught exact repeats)
+            other = written[name]
+            first = f"line {key_lines[other]}" if other in key_lines else "another line"
+            if name == key:
+                message = (f"is already set on {first} as {other} (EMQX's spelling of "
+                           "this key); keep one of them")
+            else:
+                message = (f"is EMQX's spelling of {name}, which is already set on "
+                           f"{first}; keep one of them")
+            problems.append(_Problem(line, key, message))
         elif line and _cut_by_comment(lines[line - 1], value, parsed.inline_comments.get(key)):
+            written[name] = key
             problems.append(_Problem(line, key, "'#' starts a comment and cut this value "
                                      "short; put the value in quotes if '#' belongs to it"))
         elif not override:
-            values[key] = value
+            written[name] = key
+            values[name] = value
         elif not _ACTION.fullmatch(override[1]):
             problems.append(_Problem(line, key, f"{override[1]!r} is not an OCPP action name "
                                      "(letters, digits and '_', e.g. BootNotification)"))
@@ -449,7 +509,8 @@ def load_text(text: str, source: str = "<string>") -> Settings:
     checked = ConfigObj(values, configspec=_SPEC_LINES, interpolation=False)
     results = checked.validate(_validate.Validator(_CHECKS), preserve_errors=True)
     if results is not True:
-        problems += [_Problem(key_lines.get(key), key, str(result))
+        problems += [_Problem(key_lines.get(written.get(key, key)), written.get(key, key),
+                              str(result))
                      for key, result in results.items() if result is not True]
     if not problems:
         problems = _cross_checks(checked, key_lines)
@@ -472,6 +533,26 @@ def _cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[_Problem]:
         problems.append(_Problem(line, key, "must not be less than mqtt.reconnect_delay_min "
                                  f"({v['mqtt.reconnect_delay_min']:g}s), got "
                                  f"{v[key]:g}s"))
+    # A new paho client per connection restarts packet ids, so QoS 2 releases owed on a
+    # persistent session could be matched to new messages by the broker: refuse the pair.
+    if v["mqtt.qos"] == 2 and not v["mqtt.clean_session"]:
+        key = "mqtt.clean_session"
+        line = key_lines.get(key) or key_lines.get("mqtt.qos")
+        problems.append(_Problem(line, key, "must be true with mqtt.qos = 2 (QoS 2 over a "
+                                 "resumed session is not supported); use mqtt.qos = 1 for "
+                                 "a persistent session"))
+    # A schema directory of one's own replaces the shipped one for every protocol offered.
+    schema_dir = v["ocpp.json_schema_dir"]
+    if schema_dir is not None and v["ocpp.message_format_checking"] != "disable":
+        missing = [f"{p}/" for p in v["ocpp.subprotocols"]
+                   if not os.path.isdir(os.path.join(schema_dir, p))]
+        if missing:
+            key = "ocpp.json_schema_dir"
+            needed = ", ".join(f"{p}/" for p in v["ocpp.subprotocols"])
+            problems.append(_Problem(key_lines.get(key), key, f"{schema_dir!r} has no "
+                                     f"{' or '.join(missing)} (it needs a sub-directory "
+                                     "of JSON schemas for each protocol in "
+                                     f"ocpp.subprotocols: {needed})"))
     # The gateway subscribes to mountpoint + topic with the ${cid} level replaced by '+'
     # and reads the charge point id from that level (SPEC "Downstream").
     mountpoint, topic = v["ocpp.mountpoint"], v["ocpp.dnstream.topic"]
@@ -503,6 +584,21 @@ def _settings(v: ConfigObj, overrides: dict[str, str], source: str) -> Settings:
             upstream_reply_topic=v["ocpp.upstream.reply_topic"],
             upstream_error_topic=v["ocpp.upstream.error_topic"],
             dnstream_topic=v["ocpp.dnstream.topic"],
+            handshake_timeout=v["ocpp.handshake_timeout"],
+            ping_interval=v["ocpp.ping_interval"],
+            ping_timeout=v["ocpp.ping_timeout"],
+            default_heartbeat_interval=v["ocpp.default_heartbeat_interval"],
+            heartbeat_checking_times_backoff=v["ocpp.heartbeat_checking_times_backoff"],
+            upstream_strict_mode=v["ocpp.upstream.strict_mode"],
+            upstream_awaiting_timeout=v["ocpp.upstream.awaiting_timeout"],
+            dnstream_strict_mode=v["ocpp.dnstream.strict_mode"],
+            dnstream_max_mqueue_len=v["ocpp.dnstream.max_mqueue_len"],
+            dnstream_awaiting_timeout=v["ocpp.dnstream.awaiting_timeout"],
+            dnstream_retry_interval=v["ocpp.dnstream.retry_interval"],
+            dnstream_max_retries=v["ocpp.dnstream.max_retries"],
+            message_format_checking=v["ocpp.message_format_checking"],
+            json_schema_dir=v["ocpp.json_schema_dir"],
+            json_schema_id_prefix=v["ocpp.json_schema_id_prefix"],
         ),
         mqtt=MqttSettings(
             host=host,

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import tornado
 import tornado.web
 import tornado.websocket
 
@@ -33,7 +34,8 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003  # a binary frame: OCPP-J is text only (OCPP-J 1.6 §4.1.2)
-_FORBIDDEN_IN_CID = re.compile(r"[/+#\x00-\x1f\x7f]")
+CLOSE_INTERNAL_ERROR = 1011
+_FORBIDDEN_IN_CID = re.compile(r"[/+#\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls
 
 
 def cid_problem(cid: str | None) -> str | None:
@@ -53,6 +55,9 @@ class ServerOptions:
     default_subprotocol: str
     fail_if_no_subprotocol: bool
     max_frame_size: int
+    handshake_timeout: float = 10.0
+    ping_interval: float = 0.0  # 0: no server pings
+    ping_timeout: float = 30.0
 
 
 class Hub(Protocol):
@@ -159,7 +164,16 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
 
 def make_application(hub: Hub, path: str, options: ServerOptions) -> tornado.web.Application:
     pattern = re.escape(path) + r"(?:/([^/]*))?"
+    ping: dict[str, float] = {}
+    if options.ping_interval > 0:
+        # Tornado < 6.5 checks at each ping whether the last pong is older than the
+        # timeout (shorter than the interval would close healthy sockets); 6.5+ waits for
+        # each ping's pong and refuses a timeout longer than the interval.
+        if tornado.version_info >= (6, 5):
+            timeout = min(options.ping_timeout, options.ping_interval)
+        else:
+            timeout = max(options.ping_timeout, options.ping_interval)
+        ping = {"websocket_ping_interval": options.ping_interval,
+                "websocket_ping_timeout": timeout}
     return tornado.web.Application(
-        [(pattern, ChargePointHandler, {"hub": hub, "options": options})],
-        websocket_ping_interval=None,
-    )
+        [(pattern, ChargePointHandler, {"hub": hub, "options": options})], **ping)

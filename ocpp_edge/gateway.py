@@ -24,6 +24,7 @@ from ocpp_edge.buffer import MemoryBuffer
 from ocpp_edge.config import Settings
 from ocpp_edge.cp_server import (
     CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
     ChargePointHandler,
     ServerOptions,
@@ -33,11 +34,20 @@ from ocpp_edge.mqtt_uplink import MqttUplink
 from ocpp_edge.ocppj.errors import FormatViolation
 from ocpp_edge.ocppj.messages import Call, CallError, Message
 from ocpp_edge.router import DownstreamError, Router, TopicError, parse_downstream, upstream_payload
-from ocpp_edge.session import Effect, Session, ToBackend, ToChargePoint
+from ocpp_edge.session import (
+    CloseConnection,
+    Effect,
+    Policy,
+    Session,
+    ToBackend,
+    ToChargePoint,
+)
+from ocpp_edge.validation import Validator
 
 log = logging.getLogger("ocpp_edge.gateway")
 
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# ASCII JSON: lone surrogates a peer may send as escapes stay escapes (see codec.py).
+_json = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 
 class Gateway:
@@ -59,19 +69,52 @@ class Gateway:
             on_message=self.on_downstream)
         self.options = ServerOptions(
             subprotocols=o.subprotocols, default_subprotocol=o.default_subprotocol,
-            fail_if_no_subprotocol=o.fail_if_no_subprotocol, max_frame_size=o.max_frame_size)
+            fail_if_no_subprotocol=o.fail_if_no_subprotocol, max_frame_size=o.max_frame_size,
+            handshake_timeout=o.handshake_timeout, ping_interval=o.ping_interval,
+            ping_timeout=o.ping_timeout)
+        checking = o.message_format_checking
+        self.validator: Validator | None = None
+        if checking != "disable":
+            # Read every schema now: a broken schema directory stops the start, loudly.
+            self.validator = Validator(o.json_schema_dir, o.subprotocols,
+                                       o.json_schema_id_prefix)
+        check = self.validator.check if self.validator else None
+        self.policy = Policy(
+            upstream_strict=o.upstream_strict_mode,
+            upstream_timeout=o.upstream_awaiting_timeout,
+            dnstream_strict=o.dnstream_strict_mode,
+            dnstream_timeout=o.dnstream_awaiting_timeout,
+            retry_interval=o.dnstream_retry_interval,
+            max_retries=o.dnstream_max_retries,
+            max_queue=o.dnstream_max_mqueue_len,
+            check_upstream=check if checking in ("all", "upstream_only") else None,
+            check_dnstream=check if checking in ("all", "dnstream_only") else None,
+            heartbeat_interval=o.default_heartbeat_interval,
+            heartbeat_backoff=o.heartbeat_checking_times_backoff)
         self.connections: dict[str, ChargePointHandler] = {}
         self.sessions: dict[str, Session] = {}
+        # One timer per session, armed at its next deadline; a deadline that moves later
+        # is found when the timer fires, so only an earlier one re-arms (no per-message
+        # timer churn, nothing scans all sessions).
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._servers: list[tornado.httpserver.HTTPServer] = []
         self.ports: list[int] = []  # bound ports, in listener order (port 0 → real port)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         listen = self.settings.ocpp.listener_ws
         if listen is not None:
             app = make_application(self, self.settings.ocpp.path, self.options)
-            server = tornado.httpserver.HTTPServer(app, xheaders=False)
+            server = tornado.httpserver.HTTPServer(
+                app, xheaders=False, idle_connection_timeout=self.options.handshake_timeout,
+                body_timeout=self.options.handshake_timeout)
             sockets = bind_sockets(listen.port, address=listen.host or None)
             server.add_sockets(sockets)
             self._servers.append(server)
@@ -79,14 +122,20 @@ class Gateway:
             log.info("listening for charge points on ws://%s:%d%s/<id>", listen.host,
                      self.ports[-1], self.settings.ocpp.path)
         self.uplink.start()
+        if self.validator is not None:
+            self._loop.call_soon(self._warm_up)
+
+    def _warm_up(self) -> None:
+        # Compile one schema per loop turn until all are ready (see validation.py).
+        if self.validator is not None and self.validator.warm_up_step():
+            self._loop.call_soon(self._warm_up)  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         for server in self._servers:
             server.stop()  # no new connections
-        for conn in list(self.connections.values()):
+        for cid, conn in list(self.connections.items()):
             conn.close_and_forget(CLOSE_GOING_AWAY, "gateway shutting down")
-        self.connections.clear()
-        self.sessions.clear()
+            self._end_session(cid, "gateway shutting down")
         await self.uplink.stop()
         await asyncio.sleep(0)  # let the close frames go out
 
@@ -95,42 +144,85 @@ class Gateway:
     def cp_connected(self, conn: ChargePointHandler) -> None:
         old = self.connections.get(conn.cid)
         if old is not None:
-            # SPEC "Connection": a second connection with the same id replaces the first.
+            # SPEC "Connection": a second connection with the same id replaces the first;
+            # the old one's pending calls are answered as failed.
             log.info("cp %s: new connection from %s replaces the one from %s", conn.cid,
                      conn.peer, old.peer)
             old.close_and_forget(CLOSE_NORMAL, "replaced by a new connection")
+            self._end_session(conn.cid, "replaced by a new connection")
         self.connections[conn.cid] = conn
-        self.sessions[conn.cid] = Session(conn.cid, conn.version or "")
+        self.sessions[conn.cid] = Session(conn.cid, conn.version or "", self.now(), self.policy)
+        self._arm(conn.cid)
         log.info("cp %s: connected from %s using %s", conn.cid, conn.peer, conn.version)
 
     def cp_text(self, conn: ChargePointHandler, text: str) -> None:
         session = self.sessions.get(conn.cid)
         if session is None or self.connections.get(conn.cid) is not conn:
             return  # a replaced connection's last words
-        self._apply(conn, session, session.receive_text(text))
+        try:
+            self._apply(session, session.receive_text(text, self.now()))
+        except Exception:  # a bug must cost one connection, never the gateway
+            log.exception("cp %s: internal error handling a message; closing", conn.cid)
+            conn.close_and_forget(CLOSE_INTERNAL_ERROR, "internal error")
+            self._end_session(conn.cid, "internal error")
 
     def cp_closed(self, conn: ChargePointHandler) -> None:
         if self.connections.get(conn.cid) is conn:
-            del self.connections[conn.cid]
-            del self.sessions[conn.cid]
             log.info("cp %s: disconnected (code %s)", conn.cid, conn.close_code)
+            self._end_session(conn.cid, f"connection closed, code {conn.close_code}")
 
-    def _apply(self, conn: ChargePointHandler | None, session: Session,
-               effects: list[Effect]) -> None:
+    def _end_session(self, cid: str, reason: str) -> None:
+        self.connections.pop(cid, None)
+        session = self.sessions.pop(cid, None)
+        timer = self._timers.pop(cid, None)
+        if timer is not None:
+            timer[1].cancel()
+        if session is not None:
+            self._apply(session, session.close(reason))
+
+    def _apply(self, session: Session, effects: list[Effect]) -> None:
+        cid = session.cid
         for effect in effects:
             if isinstance(effect, ToChargePoint):
-                if conn is not None:
+                conn = self.connections.get(cid)
+                if conn is not None and self.sessions.get(cid) is session:
                     conn.send_text(effect.text)
             elif isinstance(effect, ToBackend):
                 try:
-                    self._publish(session.cid, session.version, effect.message, effect.action)
+                    self._publish(cid, session.version, effect.message, effect.action)
                 except TopicError as exc:
                     msg = effect.message
-                    log.warning("cp %s: cannot publish message %s: %s", session.cid,
+                    log.warning("cp %s: cannot publish message %s: %s", cid,
                                 msg.unique_id, exc)
-                    if isinstance(msg, Call):
-                        self._apply(conn, session, session.reject_call(
+                    if isinstance(msg, Call) and self.sessions.get(cid) is session:
+                        self._apply(session, session.reject_call(
                             msg, FormatViolation(str(exc))))
+            elif isinstance(effect, CloseConnection):
+                conn = self.connections.get(cid)
+                if conn is not None and self.sessions.get(cid) is session:
+                    conn.close_and_forget(effect.code, effect.reason)
+                    self.connections.pop(cid, None)
+                    self.sessions.pop(cid, None)
+        if self.sessions.get(cid) is session:
+            self._arm(cid)
+
+    def _arm(self, cid: str) -> None:
+        session = self.sessions[cid]
+        deadline = session.next_deadline()
+        armed = self._timers.get(cid)
+        if deadline is None or (armed is not None and armed[0] <= deadline):
+            return
+        if armed is not None:
+            armed[1].cancel()
+        assert self._loop is not None
+        handle = self._loop.call_at(deadline, self._fire, cid, session)
+        self._timers[cid] = (deadline, handle)
+
+    def _fire(self, cid: str, session: Session) -> None:
+        self._timers.pop(cid, None)
+        if self.sessions.get(cid) is not session:
+            return
+        self._apply(session, session.on_timer(self.now()))
 
     def _publish(self, cid: str, proto: str, msg: Message, action: str | None) -> None:
         topic = self.router.upstream_topic(cid, proto, msg, action)
@@ -141,6 +233,12 @@ class Gateway:
     # -- backend (MQTT) --------------------------------------------------------------------
 
     def on_downstream(self, topic: str, payload: bytes) -> None:
+        try:
+            self._downstream(topic, payload)
+        except Exception:  # a bug in one message must not take the uplink down
+            log.exception("internal error handling MQTT message on %s", topic)
+
+    def _downstream(self, topic: str, payload: bytes) -> None:
         cid = self.router.downstream_cid(topic)
         if cid is None:
             log.warning("ignoring MQTT message on unexpected topic %r", topic)
@@ -164,7 +262,7 @@ class Gateway:
                 log.info("cp %s: not connected; reply %s from the backend dropped", cid,
                          msg.unique_id)
             return
-        self._apply(self.connections.get(cid), session, session.send(msg))
+        self._apply(session, session.send(msg, self.now()))
 
     def _answer_backend(self, cid: str, proto: str, unique_id: str, action: str | None,
                         code: str, description: str) -> None:

@@ -18,9 +18,15 @@ SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "ocpp-edge.conf"
 # Every key of the file, as the product documents it (anything else is an error).
 KEYS = [
     "ocpp.listener.ws", "ocpp.path", "ocpp.subprotocols", "ocpp.default_subprotocol",
-    "ocpp.fail_if_no_subprotocol", "ocpp.max_frame_size", "ocpp.mountpoint",
+    "ocpp.fail_if_no_subprotocol", "ocpp.max_frame_size", "ocpp.handshake_timeout",
+    "ocpp.ping_interval", "ocpp.ping_timeout", "ocpp.default_heartbeat_interval",
+    "ocpp.heartbeat_checking_times_backoff", "ocpp.mountpoint",
     "ocpp.upstream.topic", "ocpp.upstream.reply_topic", "ocpp.upstream.error_topic",
-    "ocpp.dnstream.topic", "mqtt.server", "mqtt.client_id", "mqtt.username",
+    "ocpp.dnstream.topic", "ocpp.upstream.strict_mode", "ocpp.upstream.awaiting_timeout",
+    "ocpp.dnstream.strict_mode", "ocpp.dnstream.max_mqueue_len",
+    "ocpp.dnstream.awaiting_timeout", "ocpp.dnstream.retry_interval",
+    "ocpp.dnstream.max_retries", "ocpp.message_format_checking", "ocpp.json_schema_dir",
+    "ocpp.json_schema_id_prefix", "mqtt.server", "mqtt.client_id", "mqtt.username",
     "mqtt.password", "mqtt.qos", "mqtt.clean_session", "mqtt.keepalive",
     "mqtt.reconnect_delay_min", "mqtt.reconnect_delay_max", "mqtt.max_inflight",
     "buffer.max_messages", "buffer.max_bytes", "buffer.overflow", "log.level",
@@ -55,7 +61,13 @@ def test_defaults():
         fail_if_no_subprotocol=False, max_frame_size=256 * 1024, mountpoint="ocpp/",
         upstream_topic="cp/${cid}", upstream_topic_overrides={},
         upstream_reply_topic="cp/${cid}/Reply", upstream_error_topic="cp/${cid}/Reply",
-        dnstream_topic="cs/${cid}")
+        dnstream_topic="cs/${cid}", handshake_timeout=10.0, ping_interval=0.0,
+        ping_timeout=30.0, default_heartbeat_interval=60.0,
+        heartbeat_checking_times_backoff=2, upstream_strict_mode=True,
+        upstream_awaiting_timeout=30.0, dnstream_strict_mode=True,
+        dnstream_max_mqueue_len=100, dnstream_awaiting_timeout=30.0,
+        dnstream_retry_interval=30.0, dnstream_max_retries=0, message_format_checking="all",
+        json_schema_dir=None, json_schema_id_prefix="urn:OCPP:1.6:2019:12:")
     assert s.mqtt == config.MqttSettings(
         host="127.0.0.1", port=1883, client_id=f"ocpp-edge-{socket.gethostname()}",
         username=None, password=None, qos=1, clean_session=True, keepalive=60.0,
@@ -262,6 +274,43 @@ def test_line_is_where_the_key_is_written():
     ("mqtt.client_id", "", "must be 1 to 128 characters once ${hostname} is replaced, got 0"),
     ("mqtt.username", "a, b",
      "a comma makes this a list; put the value in quotes if the comma belongs to it"),
+    ("ocpp.handshake_timeout", "10m", "must be between 1s and 5m, got '10m'"),
+    ("ocpp.handshake_timeout", "500ms", "must be between 1s and 5m, got '500ms'"),
+    ("ocpp.ping_interval", "2h", "must be between 0s and 1h, got '2h'"),
+    ("ocpp.ping_interval", "-1s", "must not be negative, got '-1s'"),
+    ("ocpp.ping_interval", "off",
+     "must be a duration like 30s, 5m, 100ms, 1h or 2d (a bare number is seconds), got 'off'"),
+    ("ocpp.ping_timeout", "0", "must be between 1s and 1h, got '0'"),
+    ("ocpp.default_heartbeat_interval", "2d", "must be between 1s and 1d, got '2d'"),
+    ("ocpp.default_heartbeat_interval", "0s", "must be between 1s and 1d, got '0s'"),
+    ("ocpp.heartbeat_checking_times_backoff", "101", "must be between 0 and 100, got '101'"),
+    ("ocpp.heartbeat_checking_times_backoff", "-1", "must be between 0 and 100, got '-1'"),
+    ("ocpp.heartbeat_checking_times_backoff", "1.5", "must be a whole number, got '1.5'"),
+    ("ocpp.upstream.strict_mode", "strict", "must be true or false, got 'strict'"),
+    ("ocpp.upstream.strit_mode", "strict", "must be true or false, got 'strict'"),
+    ("ocpp.upstream.awaiting_timeout", "0s", "must be between 1s and 1h, got '0s'"),
+    ("ocpp.upstream.awaiting_timeout", "61m", "must be between 1s and 1h, got '61m'"),
+    ("ocpp.dnstream.strict_mode", "2", "must be true or false, got '2'"),
+    ("ocpp.dnstream.strit_mode", "maybe", "must be true or false, got 'maybe'"),
+    ("ocpp.dnstream.max_mqueue_len", "0", "must be between 1 and 100000, got '0'"),
+    ("ocpp.dnstream.max_mqueue_len", "100001", "must be between 1 and 100000, got '100001'"),
+    ("ocpp.dnstream.awaiting_timeout", "soon",
+     "must be a duration like 30s, 5m, 100ms, 1h or 2d (a bare number is seconds), got 'soon'"),
+    ("ocpp.dnstream.awaiting_timeout", "2h", "must be between 1s and 1h, got '2h'"),
+    ("ocpp.dnstream.retry_interval", "500ms", "must be between 1s and 1h, got '500ms'"),
+    ("ocpp.dnstream.max_retries", "11", "must be between 0 and 10, got '11'"),
+    ("ocpp.dnstream.max_retries", "-1", "must be between 0 and 10, got '-1'"),
+    ("ocpp.message_format_checking", "both",
+     "must be one of all, upstream_only, dnstream_only, disable, got 'both'"),
+    ("ocpp.message_format_checking", "false",
+     "must be one of all, upstream_only, dnstream_only, disable, got 'false'"),
+    ("ocpp.json_schema_dir", "schemas",
+     "must be an absolute path (the service does not run from the directory you are in), "
+     "got 'schemas'"),
+    ("ocpp.json_schema_dir", "/nonexistent/ocpp-edge-schemas",
+     "'/nonexistent/ocpp-edge-schemas' does not exist"),
+    ("ocpp.json_schema_id_prefix", "urn:a, b",
+     "a comma makes this a list; put the value in quotes if the comma belongs to it"),
 ])
 def test_bad_value_names_key_and_line(key, value, message):
     exc = error_of(f"{FILLER}{key} = {value}\n")
@@ -379,6 +428,163 @@ def test_emqx_wildcard_dnstream_example_is_explained():
                         "routes by that level")
 
 
+# -- call discipline, message format checking, liveness ----------------------------------
+
+def test_call_discipline_and_liveness_values():
+    s = load_text("ocpp.handshake_timeout = 5m\n"
+                  "ocpp.ping_interval = 20s\n"
+                  "ocpp.ping_timeout = 1s\n"
+                  "ocpp.default_heartbeat_interval = 1d\n"
+                  "ocpp.heartbeat_checking_times_backoff = 0\n"
+                  "ocpp.upstream.strict_mode = false\n"
+                  "ocpp.upstream.awaiting_timeout = 1h\n"
+                  "ocpp.dnstream.strict_mode = off\n"
+                  "ocpp.dnstream.max_mqueue_len = 100000\n"
+                  "ocpp.dnstream.awaiting_timeout = 1s\n"
+                  "ocpp.dnstream.retry_interval = 2500ms\n"
+                  "ocpp.dnstream.max_retries = 10\n"
+                  "ocpp.message_format_checking = Upstream_Only\n"
+                  "ocpp.json_schema_id_prefix = urn:example:\n")
+    o = s.ocpp
+    assert (o.handshake_timeout, o.ping_interval, o.ping_timeout) == (300.0, 20.0, 1.0)
+    assert (o.default_heartbeat_interval, o.heartbeat_checking_times_backoff) == (86400.0, 0)
+    assert (o.upstream_strict_mode, o.upstream_awaiting_timeout) == (False, 3600.0)
+    assert (o.dnstream_strict_mode, o.dnstream_max_mqueue_len) == (False, 100000)
+    assert (o.dnstream_awaiting_timeout, o.dnstream_retry_interval) == (1.0, 2.5)
+    assert o.dnstream_max_retries == 10
+    assert o.message_format_checking == "upstream_only"
+    assert (o.json_schema_dir, o.json_schema_id_prefix) == (None, "urn:example:")
+
+
+@pytest.mark.parametrize("text, seconds", [("0", 0.0), ("0s", 0.0), ("1h", 3600.0),
+                                           ("250ms", 0.25)])
+def test_ping_interval_zero_is_off(text, seconds):
+    assert one("ocpp.ping_interval", text).ocpp.ping_interval == seconds
+
+
+@pytest.mark.parametrize("value", ["all", "upstream_only", "dnstream_only", "disable", "ALL"])
+def test_message_format_checking_options(value):
+    assert one("ocpp.message_format_checking", value).ocpp.message_format_checking == value.lower()
+
+
+@pytest.mark.parametrize("direction", ["upstream", "dnstream"])
+def test_emqx_strit_mode_spelling_sets_strict_mode(direction):
+    s = one(f"ocpp.{direction}.strit_mode", "false")
+    assert getattr(s.ocpp, f"{direction}_strict_mode") is False
+    other = "dnstream" if direction == "upstream" else "upstream"
+    assert getattr(s.ocpp, f"{other}_strict_mode") is True
+    assert one(f"ocpp.{direction}.strit_mode", "true") == config.defaults()
+
+
+@pytest.mark.parametrize("direction", ["upstream", "dnstream"])
+def test_both_spellings_of_strict_mode_are_an_error(direction):
+    right, emqx = f"ocpp.{direction}.strict_mode", f"ocpp.{direction}.strit_mode"
+    exc = error_of(f"{FILLER}{right} = true\nlog.level = info\n{emqx} = false\n")
+    assert (exc.key, exc.line) == (emqx, 6)
+    assert str(exc) == (f"x.conf:6, key '{emqx}': is EMQX's spelling of {right}, which is "
+                        "already set on line 4; keep one of them")
+    exc = error_of(f"{FILLER}{emqx} = false\n{right} = false\n")
+    assert (exc.key, exc.line) == (right, 5)
+    assert str(exc) == (f"x.conf:5, key '{right}': is already set on line 4 as {emqx} "
+                        "(EMQX's spelling of this key); keep one of them")
+
+
+def test_both_spellings_and_other_errors_are_all_listed():
+    exc = error_of("ocpp.dnstream.strit_mode = yes\n"
+                   "ocpp.dnstream.max_retries = 11\n"
+                   "ocpp.dnstream.strict_mode = maybe\n"
+                   "ocpp.upstream.strit_mode = maybe\n")
+    assert str(exc).splitlines() == [
+        "x.conf:2, key 'ocpp.dnstream.max_retries': must be between 0 and 10, got '11'",
+        "x.conf:3, key 'ocpp.dnstream.strict_mode': is already set on line 1 as "
+        "ocpp.dnstream.strit_mode (EMQX's spelling of this key); keep one of them",
+        "x.conf:4, key 'ocpp.upstream.strit_mode': must be true or false, got 'maybe'",
+    ]
+
+
+def test_strit_mode_value_cut_by_a_hash_names_the_emqx_key():
+    exc = error_of(FILLER + "ocpp.upstream.strit_mode = false#no\n")
+    assert (exc.key, exc.line) == ("ocpp.upstream.strit_mode", 4)
+    assert exc.reason.startswith("'#' starts a comment and cut this value short")
+
+
+def test_misspelt_strict_mode_suggests_the_key():
+    exc = error_of(FILLER + "ocpp.upstream.strict_mod = true\n")
+    assert str(exc) == ("x.conf:4, key 'ocpp.upstream.strict_mod': unknown key "
+                        "(did you mean ocpp.upstream.strict_mode?)")
+
+
+def schema_tree(root: Path, *protocols: str) -> str:
+    for protocol in protocols:
+        (root / protocol).mkdir(parents=True)
+    return str(root)
+
+
+def test_json_schema_dir(tmp_path):
+    path = schema_tree(tmp_path / "schemas", "ocpp1.6", "ocpp2.0.1", "ocpp2.1")
+    assert one("ocpp.json_schema_dir", path).ocpp.json_schema_dir == path
+    assert one("ocpp.json_schema_dir", f'"{path}"').ocpp.json_schema_dir == path
+
+
+@pytest.mark.parametrize("text", ["ocpp.json_schema_dir =\n", 'ocpp.json_schema_dir = ""\n',
+                                  "ocpp.json_schema_dir = ''  # the shipped ones\n"])
+def test_empty_json_schema_dir_means_the_shipped_schemas(text):
+    assert load_text(text).ocpp.json_schema_dir is None
+
+
+def test_json_schema_dir_must_be_a_directory(tmp_path):
+    path = tmp_path / "schemas.zip"
+    path.write_bytes(b"PK")
+    exc = error_of(f"{FILLER}ocpp.json_schema_dir = {path}\n")
+    assert (exc.key, exc.line) == ("ocpp.json_schema_dir", 4)
+    assert exc.reason == f"{str(path)!r} is not a directory"
+
+
+def test_json_schema_dir_needs_every_offered_protocol(tmp_path):
+    path = schema_tree(tmp_path / "schemas", "ocpp1.6")
+    exc = error_of(f"{FILLER}ocpp.json_schema_dir = {path}\nlog.level = info\n")
+    assert (exc.key, exc.line) == ("ocpp.json_schema_dir", 4)
+    assert str(exc) == (f"x.conf:4, key 'ocpp.json_schema_dir': {path!r} has no ocpp2.0.1/ "
+                        "or ocpp2.1/ (it needs a sub-directory of JSON schemas for each "
+                        "protocol in ocpp.subprotocols: ocpp1.6/, ocpp2.0.1/, ocpp2.1/)")
+    # Only the protocols offered count ...
+    s = load_text(f"ocpp.subprotocols = ocpp1.6\nocpp.json_schema_dir = {path}\n")
+    assert s.ocpp.json_schema_dir == path
+    # ... and none when nothing is checked.
+    s = load_text(f"ocpp.json_schema_dir = {path}\nocpp.message_format_checking = disable\n")
+    assert (s.ocpp.json_schema_dir, s.ocpp.message_format_checking) == (path, "disable")
+    for checking in ("upstream_only", "dnstream_only"):
+        exc = error_of(f"ocpp.message_format_checking = {checking}\n"
+                       f"ocpp.json_schema_dir = {path}\n")
+        assert (exc.key, exc.line) == ("ocpp.json_schema_dir", 2)
+
+
+def test_json_schema_dir_sub_directory_must_be_a_directory(tmp_path):
+    path = schema_tree(tmp_path / "schemas", "ocpp1.6", "ocpp2.0.1")
+    (tmp_path / "schemas" / "ocpp2.1").write_text("not a directory")
+    exc = error_of(f"ocpp.json_schema_dir = {path}\n")
+    assert exc.reason.startswith(f"{path!r} has no ocpp2.1/ (")
+
+
+def test_emqx_call_discipline_keys():
+    # Pasted from an EMQX 4.x emqx_ocpp.conf, with EMQX's spellings and values.
+    s = load_text("ocpp.default_heartbeat_interval = 600s\n"
+                  "ocpp.heartbeat_checking_times_backoff = 1\n"
+                  "ocpp.upstream.strit_mode = false\n"
+                  "ocpp.upstream.awaiting_timeout = 30s\n"
+                  "ocpp.dnstream.strit_mode = false\n"
+                  "ocpp.dnstream.max_mqueue_len = 10\n"
+                  "ocpp.dnstream.retry_interval = 30s\n"
+                  "ocpp.message_format_checking = disable\n"
+                  "ocpp.json_schema_id_prefix = urn:OCPP:1.6:2019:12:\n")
+    o = s.ocpp
+    assert (o.default_heartbeat_interval, o.heartbeat_checking_times_backoff) == (600.0, 1)
+    assert (o.upstream_strict_mode, o.dnstream_strict_mode) == (False, False)
+    assert (o.upstream_awaiting_timeout, o.dnstream_retry_interval) == (30.0, 30.0)
+    assert (o.dnstream_max_mqueue_len, o.message_format_checking) == (10, "disable")
+    assert o.json_schema_id_prefix == "urn:OCPP:1.6:2019:12:"
+
+
 # -- relations between keys -------------------------------------------------------------
 
 def test_default_subprotocol_must_be_offered():
@@ -476,3 +682,18 @@ def test_utf8_bom_and_crlf(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfmqtt.qos = 2\r\nmqtt.username = b\xc3\xa9a\r\n")
     s = load(str(path))
     assert (s.mqtt.qos, s.mqtt.username, s.source) == (2, "béa", str(path))
+
+
+def test_qos2_needs_a_clean_session():
+    with pytest.raises(ConfigError) as info:
+        load_text("mqtt.qos = 2\nmqtt.clean_session = false\n", "q.conf")
+    assert info.value.line == 2 and info.value.key == "mqtt.clean_session"
+    assert "must be true with mqtt.qos = 2" in str(info.value)
+    assert load_text("mqtt.qos = 2\n").mqtt.qos == 2
+
+
+@pytest.mark.parametrize("host", ["broker..example.com", "a" * 64 + ".example.com"])
+def test_host_names_the_resolver_cannot_take(host):
+    with pytest.raises(ConfigError) as info:
+        load_text(f"mqtt.server = mqtt://{host}:1883\n")
+    assert info.value.key == "mqtt.server" and "not a valid host name" in str(info.value)

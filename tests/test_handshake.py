@@ -139,7 +139,7 @@ class TestFrames:
 
         async def go():
             async with websockets.connect(f"{gw.url}/B3", subprotocols=["ocpp1.6"]) as ws:
-                await ws.send('[2,"1","DataTransfer",{"vendorId":"' + "x" * 900 + '"}]')
+                await ws.send('[2,"1","DataTransfer",{"vendorId":"V","data":"' + "x" * 900 + '"}]')
                 await asyncio.sleep(0.2)
 
         asyncio.run(go())

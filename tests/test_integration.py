@@ -125,9 +125,10 @@ def test_two_charge_points_are_routed_by_id(gateway, backend):
             seen = {(await in_thread(backend.expect, None))[0] for _ in range(2)}
             assert seen == {"ocpp/cp/A", "ocpp/cp/B"}
             await in_thread(backend.publish, "ocpp/cs/B", {
-                "MessageTypeId": 3, "UniqueId": "same", "Payload": {"currentTime": "tb"}})
+                "MessageTypeId": 3, "UniqueId": "same",
+                "Payload": {"currentTime": "2026-11-22T10:00:00Z"}})
             assert json.loads(await asyncio.wait_for(b.recv(), 5)) == [
-                3, "same", {"currentTime": "tb"}]
+                3, "same", {"currentTime": "2026-11-22T10:00:00Z"}]
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(a.recv(), 0.5)
 
