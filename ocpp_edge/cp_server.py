@@ -167,12 +167,13 @@ def make_application(hub: Hub, path: str, options: ServerOptions) -> tornado.web
     ping: dict[str, float] = {}
     if options.ping_interval > 0:
         # Tornado < 6.5 checks at each ping whether the last pong is older than the
-        # timeout (shorter than the interval would close healthy sockets); 6.5+ waits for
-        # each ping's pong and refuses a timeout longer than the interval.
+        # timeout, so a healthy socket's last pong is about one interval old: the timeout
+        # must clearly exceed the interval. 6.5+ waits for each ping's own pong and
+        # refuses a timeout longer than the interval.
         if tornado.version_info >= (6, 5):
             timeout = min(options.ping_timeout, options.ping_interval)
         else:
-            timeout = max(options.ping_timeout, options.ping_interval)
+            timeout = max(options.ping_timeout, 1.5 * options.ping_interval)
         ping = {"websocket_ping_interval": options.ping_interval,
                 "websocket_ping_timeout": timeout}
     return tornado.web.Application(

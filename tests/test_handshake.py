@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import socket
+import time
 
 import pytest
 import websockets
@@ -162,3 +163,73 @@ def test_second_connection_replaces_the_first(gateway, backend):
                     2, "r", "Reset", {"type": "Soft"}]
 
     asyncio.run(go())
+
+
+class TestLiveness:
+    def test_slow_handshake_is_cut_off(self, make_gateway, broker):
+        gw = make_gateway(broker.port, "ocpp.handshake_timeout = 1s\n")
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(b"GET /ocpp/SLOW HTTP/1.1\r\nHost: x\r\n")  # and never finish
+            start = time.monotonic()
+            assert s.recv(100) == b""  # the server hung up
+            assert 0.5 < time.monotonic() - start < 5
+
+    def test_silent_charge_point_is_closed_by_heartbeat_checking(self, make_gateway, broker):
+        gw = make_gateway(broker.port, "ocpp.default_heartbeat_interval = 1s\n"
+                                       "ocpp.heartbeat_checking_times_backoff = 1\n")
+
+        async def go():
+            async with websockets.connect(f"{gw.url}/HB", subprotocols=["ocpp1.6"]) as ws:
+                start = asyncio.get_running_loop().time()
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    await asyncio.wait_for(ws.recv(), 10)
+                return info.value.rcvd, asyncio.get_running_loop().time() - start
+
+        rcvd, waited = asyncio.run(go())
+        assert (rcvd.code, rcvd.reason) == (1000, "heartbeat timeout")
+        assert 0.9 <= waited < 3
+
+    def test_server_pings_and_closes_without_pong(self, make_gateway, broker):
+        gw = make_gateway(broker.port, "ocpp.ping_interval = 1s\nocpp.ping_timeout = 1s\n")
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall((f"GET /ocpp/PING HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\n"
+                       "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n\r\n"
+                       ).encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += s.recv(4096)
+            data = data.split(b"\r\n\r\n", 1)[1]
+            start = time.monotonic()
+            opcodes = []
+            while True:  # read server frames (unmasked) until the connection ends
+                while len(data) < 2:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                if len(data) < 2:
+                    break
+                opcode, length = data[0] & 0x0F, data[1] & 0x7F
+                while len(data) < 2 + length:
+                    data += s.recv(4096)
+                opcodes.append((opcode, round(time.monotonic() - start, 1)))
+                data = data[2 + length:]
+                if opcode == 0x8:  # close
+                    break
+        assert opcodes[0][0] == 0x9, opcodes  # a ping came first, about a second in
+        assert 0.5 <= opcodes[0][1] < 2.5
+        assert opcodes[-1][0] == 0x8 and opcodes[-1][1] < 6, opcodes  # no pong: closed
+
+    def test_ponging_charge_point_stays_connected(self, make_gateway, broker):
+        # With interval == timeout, a too-tight check would close healthy sockets.
+        gw = make_gateway(broker.port, "ocpp.ping_interval = 1s\nocpp.ping_timeout = 1s\n")
+
+        async def go():
+            async with websockets.connect(f"{gw.url}/PONG", subprotocols=["ocpp1.6"],
+                                          ping_interval=None) as ws:
+                await asyncio.sleep(3.5)  # three pings answered by the client library
+                await ws.send("garbage")
+                return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+        assert asyncio.run(go())[0] == 4
