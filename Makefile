@@ -32,8 +32,11 @@ mosquitto:
 	  echo "installing mosquitto (apt)"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mosquitto; }
 
+# The development config plus a buffer directory inside the checkout (.run/).
 run: venv
-	$(VENV)/bin/ocpp-edge --config etc/ocpp-edge.dev.conf
+	mkdir -p .run
+	{ cat etc/ocpp-edge.dev.conf; echo "buffer.dir = $(CURDIR)/.run/buffer"; } > .run/dev.conf
+	$(VENV)/bin/ocpp-edge --config .run/dev.conf
 
 test: venv mosquitto
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -75,6 +75,7 @@ class OcppSettings:
     message_format_checking: str    # "all" | "upstream_only" | "dnstream_only" | "disable"
     json_schema_dir: str | None                 # None: the schemas shipped with ocpp-edge
     json_schema_id_prefix: str
+    upstream_down_policy: str                   # "buffer" | "close_stations"
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,12 @@ class MqttSettings:
 
 @dataclass(frozen=True)
 class BufferSettings:
+    dir: str                    # absolute; may not exist yet (the daemon creates it)
     max_messages: int
     max_bytes: int
     overflow: str               # "drop_oldest" | "drop_newest"
+    fsync_interval: float       # seconds: group commit at most this often
+    replay_rate: int            # messages per second from a backlog; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -336,19 +340,47 @@ def check_client_id(value):
     return rendered
 
 
-def check_schema_dir(value):
-    """Empty -> None (the shipped schemas); otherwise an existing directory, absolute so
-    that ``--check-config`` run from a shell and the service agree on it."""
-    text = _scalar(value)
-    if not text:
-        return None
+def _absolute(text: str) -> None:
+    """Paths are absolute so that ``--check-config`` run from a shell and the service
+    agree on them."""
     if not os.path.isabs(text):
         raise Invalid(f"must be an absolute path (the service does not run from the "
                       f"directory you are in), got {text!r}")
+
+
+def check_schema_dir(value):
+    """Empty -> None (the shipped schemas); otherwise an existing absolute directory."""
+    text = _scalar(value)
+    if not text:
+        return None
+    _absolute(text)
     if not os.path.exists(text):
         raise Invalid(f"{text!r} does not exist")
     if not os.path.isdir(text):
         raise Invalid(f"{text!r} is not a directory")
+    return text
+
+
+def check_state_dir(value):
+    """An absolute directory that the daemon creates when it is missing. Whatever is
+    already there must be a directory (or a symbolic link to one), and so must the
+    nearest existing parent, or the daemon could not create it. Permissions are not
+    checked: ``--check-config`` may run as another user than the service."""
+    text = _scalar(value)
+    _absolute(text)
+    path = text.rstrip("/") or "/"  # not normpath: '/file/../x' cannot be created
+    if os.path.lexists(path):
+        if os.path.islink(path) and not os.path.exists(path):
+            raise Invalid(f"{text!r} is a symbolic link to {os.readlink(path)!r}, which "
+                          "does not exist")
+        if not os.path.isdir(path):
+            raise Invalid(f"{text!r} is not a directory")
+        return text
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise Invalid(f"cannot be created: {parent!r} is not a directory")
     return text
 
 
@@ -358,7 +390,7 @@ _CHECKS = {
     "listen": check_listen, "url_path": check_url_path, "subprotocols": check_subprotocols,
     "mountpoint": check_mountpoint, "topic_template": check_topic_template,
     "mqtt_url": check_mqtt_url, "client_id": check_client_id,
-    "schema_dir": check_schema_dir,
+    "schema_dir": check_schema_dir, "state_dir": check_state_dir,
 }
 
 _SPEC_LINES = (resources.files("ocpp_edge") / "configspec.ini").read_text("utf-8").splitlines()
@@ -599,6 +631,7 @@ def _settings(v: ConfigObj, overrides: dict[str, str], source: str) -> Settings:
             message_format_checking=v["ocpp.message_format_checking"],
             json_schema_dir=v["ocpp.json_schema_dir"],
             json_schema_id_prefix=v["ocpp.json_schema_id_prefix"],
+            upstream_down_policy=v["ocpp.upstream_down_policy"],
         ),
         mqtt=MqttSettings(
             host=host,
@@ -614,9 +647,12 @@ def _settings(v: ConfigObj, overrides: dict[str, str], source: str) -> Settings:
             max_inflight=v["mqtt.max_inflight"],
         ),
         buffer=BufferSettings(
+            dir=v["buffer.dir"],
             max_messages=v["buffer.max_messages"],
             max_bytes=v["buffer.max_bytes"],
             overflow=v["buffer.overflow"],
+            fsync_interval=v["buffer.fsync_interval"],
+            replay_rate=v["buffer.replay_rate"],
         ),
         log=LogSettings(level=v["log.level"]),
         source=source,

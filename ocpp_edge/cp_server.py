@@ -35,6 +35,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003  # a binary frame: OCPP-J is text only (OCPP-J 1.6 §4.1.2)
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 _FORBIDDEN_IN_CID = re.compile(r"[/+#\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls
 
 
@@ -62,6 +63,8 @@ class ServerOptions:
 
 class Hub(Protocol):
     """What the listener needs from the gateway."""
+
+    accepting: bool  # False: refuse new charge points (503) for now
 
     def cp_connected(self, conn: ChargePointHandler) -> None: ...
     def cp_text(self, conn: ChargePointHandler, text: str) -> None: ...
@@ -92,6 +95,9 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
             raise tornado.web.HTTPError(400, reason="Invalid charge point id")
         self.cid = cid  # type: ignore[assignment]
         self.peer = self.request.remote_ip or ""
+        if not self.hub.accepting:
+            # ocpp.upstream_down_policy = close_stations while the broker is away
+            raise tornado.web.HTTPError(503, reason="Upstream link down")
 
     def check_origin(self, origin: str) -> bool:
         return True  # charge points are not browsers; Origin carries no meaning here

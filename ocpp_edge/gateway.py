@@ -20,16 +20,17 @@ import logging
 import tornado.httpserver
 from tornado.netutil import bind_sockets
 
-from ocpp_edge.buffer import MemoryBuffer
 from ocpp_edge.config import Settings
 from ocpp_edge.cp_server import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
+    CLOSE_TRY_AGAIN_LATER,
     ChargePointHandler,
     ServerOptions,
     make_application,
 )
+from ocpp_edge.diskbuffer import DiskBuffer
 from ocpp_edge.mqtt_uplink import MqttUplink
 from ocpp_edge.ocppj.errors import FormatViolation
 from ocpp_edge.ocppj.messages import Call, CallError, Message
@@ -49,6 +50,10 @@ log = logging.getLogger("ocpp_edge.gateway")
 # ASCII JSON: lone surrogates a peer may send as escapes stay escapes (see codec.py).
 _json = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
+# Transaction messages are money: the buffer drops them last (issue "Disk buffer").
+TRANSACTION_ACTIONS = frozenset({"StartTransaction", "StopTransaction", "MeterValues",
+                                 "TransactionEvent"})
+
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
@@ -59,14 +64,22 @@ class Gateway:
             upstream_topic_overrides=o.upstream_topic_overrides,
             reply_topic=o.upstream_reply_topic, error_topic=o.upstream_error_topic,
             dnstream_topic=o.dnstream_topic)
-        self.buffer = MemoryBuffer(b.max_messages, b.max_bytes, b.overflow)
+        # Opened now: a store left by a crash is recovered before anything else runs.
+        self.buffer = DiskBuffer(b.dir, b.max_messages, b.max_bytes, b.overflow)
+        self.buffer.on_dirty = self._schedule_commit
+        self._commit_handle: asyncio.TimerHandle | None = None
         self.uplink = MqttUplink(
             host=m.host, port=m.port, client_id=m.client_id, username=m.username,
             password=m.password, qos=m.qos, clean_session=m.clean_session,
             keepalive=m.keepalive, reconnect_delay_min=m.reconnect_delay_min,
             reconnect_delay_max=m.reconnect_delay_max, max_inflight=m.max_inflight,
             buffer=self.buffer, subscriptions=[(self.router.dnstream_filter, 1)],
-            on_message=self.on_downstream)
+            on_message=self.on_downstream, on_state=self._upstream_state,
+            replay_rate=b.replay_rate)
+        # OCPP 2.0.1 Part 4 §6.3 (Local Controller): with close_stations, charge points are
+        # only served while the upstream link is up.
+        self.close_stations = o.upstream_down_policy == "close_stations"
+        self.accepting = not self.close_stations
         self.options = ServerOptions(
             subprotocols=o.subprotocols, default_subprotocol=o.default_subprotocol,
             fail_if_no_subprotocol=o.fail_if_no_subprotocol, max_frame_size=o.max_frame_size,
@@ -137,6 +150,9 @@ class Gateway:
             conn.close_and_forget(CLOSE_GOING_AWAY, "gateway shutting down")
             self._end_session(cid, "gateway shutting down")
         await self.uplink.stop()
+        if self._commit_handle is not None:
+            self._commit_handle.cancel()
+        self.buffer.close()  # the last group commit
         await asyncio.sleep(0)  # let the close frames go out
 
     # -- charge points (Hub) ---------------------------------------------------------------
@@ -227,8 +243,36 @@ class Gateway:
     def _publish(self, cid: str, proto: str, msg: Message, action: str | None) -> None:
         topic = self.router.upstream_topic(cid, proto, msg, action)
         payload = _json.encode(upstream_payload(msg, action)).encode()
-        if self.buffer.append(topic, payload) is not None:
+        important = isinstance(msg, Call) and msg.action in TRANSACTION_ACTIONS
+        if self.buffer.append(topic, payload, important) is not None:
             self.uplink.kick()
+
+    # -- the buffer's group commit and the upstream link's state ---------------------------
+
+    def _schedule_commit(self, delay: float | None = None) -> None:
+        if self._commit_handle is None and self._loop is not None:
+            self._commit_handle = self._loop.call_later(
+                self.settings.buffer.fsync_interval if delay is None else delay, self._commit)
+
+    def _commit(self) -> None:
+        self._commit_handle = None
+        if not self.buffer.commit():
+            self._schedule_commit(max(1.0, self.settings.buffer.fsync_interval))  # disk full
+        elif self.buffer.dirty:
+            self._schedule_commit()
+
+    def _upstream_state(self, up: bool) -> None:
+        if not self.close_stations:
+            return
+        self.accepting = up
+        if up:
+            log.info("upstream link is up: accepting charge points again")
+            return
+        log.warning("upstream link is down: closing %d charge point connection(s) "
+                    "(ocpp.upstream_down_policy = close_stations)", len(self.connections))
+        for cid, conn in list(self.connections.items()):
+            conn.close_and_forget(CLOSE_TRY_AGAIN_LATER, "upstream link down")
+            self._end_session(cid, "upstream link down")
 
     # -- backend (MQTT) --------------------------------------------------------------------
 

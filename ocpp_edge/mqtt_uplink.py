@@ -31,7 +31,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from ocpp_edge.buffer import MemoryBuffer, Record
+from ocpp_edge.buffer import Record, UpstreamBuffer
 
 log = logging.getLogger("ocpp_edge.mqtt")
 
@@ -58,9 +58,10 @@ class MqttUplink:
     def __init__(self, *, host: str, port: int, client_id: str, username: str | None,
                  password: str | None, qos: int, clean_session: bool, keepalive: float,
                  reconnect_delay_min: float, reconnect_delay_max: float, max_inflight: int,
-                 buffer: MemoryBuffer, subscriptions: list[tuple[str, int]],
+                 buffer: UpstreamBuffer, subscriptions: list[tuple[str, int]],
                  on_message: Callable[[str, bytes], None],
-                 on_state: Callable[[bool], None] | None = None) -> None:
+                 on_state: Callable[[bool], None] | None = None,
+                 replay_rate: int = 0) -> None:
         self.host, self.port = host, port
         self.client_id = client_id
         self.username, self.password = username, password
@@ -73,6 +74,10 @@ class MqttUplink:
         self.subscriptions = subscriptions
         self.on_message = on_message
         self.on_state = on_state or (lambda up: None)
+        self.replay_rate = replay_rate  # messages/s, 0: no limit
+        self._tokens = float(replay_rate)
+        self._tokens_at = 0.0
+        self._rate_handle: asyncio.TimerHandle | None = None
 
         self.connected = False
         self.reconnects = 0
@@ -102,6 +107,8 @@ class MqttUplink:
         self._stopping = True
         if self._retry_handle:
             self._retry_handle.cancel()
+        if self._rate_handle:
+            self._rate_handle.cancel()
         if self._client is not None:
             if self.connected:
                 self._client.disconnect()  # DISCONNECT goes out via loop_write, then closes
@@ -337,13 +344,34 @@ class MqttUplink:
         room = self.max_inflight - len(self._inflight)
         if room <= 0:
             return
-        for rec in self.buffer.take(room):
+        if self.replay_rate:
+            room = self._rate_limited(room)
+            if room <= 0:
+                return
+        records = self.buffer.take(room)
+        self._tokens -= len(records)
+        for rec in records:
             info = client.publish(rec.topic, rec.payload, self.qos)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 # The connection is going away; _lost() rewinds everything in flight.
                 self.buffer.rewind()
                 return
             self._inflight[info.mid] = rec
+
+    def _rate_limited(self, room: int) -> int:
+        """Token bucket of one second's worth (buffer.replay_rate)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._tokens = min(float(self.replay_rate),
+                           self._tokens + (now - self._tokens_at) * self.replay_rate)
+        self._tokens_at = now
+        allowed = min(room, int(self._tokens))
+        if allowed <= 0 and self._rate_handle is None and len(self.buffer):
+            def again() -> None:
+                self._rate_handle = None
+                self.kick()
+            self._rate_handle = loop.call_later(1.0 / self.replay_rate, again)
+        return allowed
 
 
 async def resolve(host: str, timeout: float = CONNECT_TIMEOUT) -> list[tuple[int, str]]:

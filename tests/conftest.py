@@ -165,6 +165,7 @@ class GatewayProcess:
             "mqtt.reconnect_delay_min": "100ms",
             "mqtt.reconnect_delay_max": "500ms",
             "log.level": "debug",
+            "buffer.dir": str(workdir / f"buffer-{self.port}"),
         }
         for line in extra.splitlines():  # a test's own settings win
             key, sep, value = line.partition("=")

@@ -47,7 +47,8 @@ def test_port_in_use_is_a_clear_start_failure(tmp_path):
         port = taken.getsockname()[1]
         conf = tmp_path / "c.conf"
         conf.write_text(f"ocpp.listener.ws = 127.0.0.1:{port}\n"
-                        "mqtt.server = mqtt://127.0.0.1:1\n")
+                        "mqtt.server = mqtt://127.0.0.1:1\n"
+                        f"buffer.dir = {tmp_path / 'buffer'}\n")
         r = run("--config", str(conf))
     assert r.returncode == 1
     assert "cannot start" in r.stderr and "Address already in use" in r.stderr

@@ -29,7 +29,8 @@ KEYS = [
     "ocpp.json_schema_id_prefix", "mqtt.server", "mqtt.client_id", "mqtt.username",
     "mqtt.password", "mqtt.qos", "mqtt.clean_session", "mqtt.keepalive",
     "mqtt.reconnect_delay_min", "mqtt.reconnect_delay_max", "mqtt.max_inflight",
-    "buffer.max_messages", "buffer.max_bytes", "buffer.overflow", "log.level",
+    "ocpp.upstream_down_policy", "buffer.dir", "buffer.max_messages", "buffer.max_bytes",
+    "buffer.overflow", "buffer.fsync_interval", "buffer.replay_rate", "log.level",
 ]
 
 FILLER = "# a comment\n\nocpp.upstream.topic.Heartbeat = cp/${cid}/hb\n"  # tested lines start at 4
@@ -67,12 +68,15 @@ def test_defaults():
         upstream_awaiting_timeout=30.0, dnstream_strict_mode=True,
         dnstream_max_mqueue_len=100, dnstream_awaiting_timeout=30.0,
         dnstream_retry_interval=30.0, dnstream_max_retries=0, message_format_checking="all",
-        json_schema_dir=None, json_schema_id_prefix="urn:OCPP:1.6:2019:12:")
+        json_schema_dir=None, json_schema_id_prefix="urn:OCPP:1.6:2019:12:",
+        upstream_down_policy="buffer")
     assert s.mqtt == config.MqttSettings(
         host="127.0.0.1", port=1883, client_id=f"ocpp-edge-{socket.gethostname()}",
         username=None, password=None, qos=1, clean_session=True, keepalive=60.0,
         reconnect_delay_min=1.0, reconnect_delay_max=60.0, max_inflight=200)
-    assert s.buffer == config.BufferSettings(100000, 64 * 1024 * 1024, "drop_oldest")
+    assert s.buffer == config.BufferSettings(
+        dir="/var/lib/ocpp-edge", max_messages=1_000_000, max_bytes=256 * 1024 * 1024,
+        overflow="drop_oldest", fsync_interval=pytest.approx(0.1), replay_rate=0)
     assert s.log == config.LogSettings("info")
     assert s.source == "<string>"
 
@@ -311,6 +315,33 @@ def test_line_is_where_the_key_is_written():
      "'/nonexistent/ocpp-edge-schemas' does not exist"),
     ("ocpp.json_schema_id_prefix", "urn:a, b",
      "a comma makes this a list; put the value in quotes if the comma belongs to it"),
+    ("ocpp.upstream_down_policy", "close",
+     "must be one of buffer, close_stations, got 'close'"),
+    ("ocpp.upstream_down_policy", "true",
+     "must be one of buffer, close_stations, got 'true'"),
+    ("buffer.dir", "var/lib/ocpp-edge",
+     "must be an absolute path (the service does not run from the directory you are in), "
+     "got 'var/lib/ocpp-edge'"),
+    ("buffer.dir", ".run/buffer",
+     "must be an absolute path (the service does not run from the directory you are in), "
+     "got '.run/buffer'"),
+    ("buffer.dir", "",
+     "must be an absolute path (the service does not run from the directory you are in), "
+     "got ''"),
+    ("buffer.dir", "/var/lib/a, b",
+     "a comma makes this a list; put the value in quotes if the comma belongs to it"),
+    ("buffer.fsync_interval", "5ms", "must be between 10ms and 10s, got '5ms'"),
+    ("buffer.fsync_interval", "0", "must be between 10ms and 10s, got '0'"),
+    ("buffer.fsync_interval", "11s", "must be between 10ms and 10s, got '11s'"),
+    ("buffer.fsync_interval", "1m", "must be between 10ms and 10s, got '1m'"),
+    ("buffer.fsync_interval", "-100ms", "must not be negative, got '-100ms'"),
+    ("buffer.fsync_interval", "off",
+     "must be a duration like 30s, 5m, 100ms, 1h or 2d (a bare number is seconds), got 'off'"),
+    ("buffer.replay_rate", "-1", "must be at least 0, got '-1'"),
+    ("buffer.replay_rate", "100/s", "must be a whole number, got '100/s'"),
+    ("buffer.replay_rate", "2.5", "must be a whole number, got '2.5'"),
+    ("buffer.replay_rate", "off", "must be a whole number, got 'off'"),
+    ("buffer.max_messages", "1e6", "must be a whole number, got '1e6'"),
 ])
 def test_bad_value_names_key_and_line(key, value, message):
     exc = error_of(f"{FILLER}{key} = {value}\n")
@@ -583,6 +614,123 @@ def test_emqx_call_discipline_keys():
     assert (o.upstream_awaiting_timeout, o.dnstream_retry_interval) == (30.0, 30.0)
     assert (o.dnstream_max_mqueue_len, o.message_format_checking) == (10, "disable")
     assert o.json_schema_id_prefix == "urn:OCPP:1.6:2019:12:"
+
+
+# -- the upstream buffer and the upstream-down policy -------------------------------------
+
+def test_buffer_values():
+    s = load_text("ocpp.upstream_down_policy = close_stations\n"
+                  "buffer.dir = /srv/ocpp-edge/buffer\n"
+                  "buffer.max_messages = 5000\n"
+                  "buffer.max_bytes = 1GB\n"
+                  "buffer.overflow = drop_newest\n"
+                  "buffer.fsync_interval = 10s\n"
+                  "buffer.replay_rate = 200\n")
+    assert s.ocpp.upstream_down_policy == "close_stations"
+    assert s.buffer == config.BufferSettings(
+        dir="/srv/ocpp-edge/buffer", max_messages=5000, max_bytes=1 << 30,
+        overflow="drop_newest", fsync_interval=10.0, replay_rate=200)
+
+
+@pytest.mark.parametrize("text, policy", [
+    ("buffer", "buffer"), ("Close_Stations", "close_stations"),
+    ("CLOSE_STATIONS", "close_stations"),
+])
+def test_upstream_down_policy_options(text, policy):
+    assert one("ocpp.upstream_down_policy", text).ocpp.upstream_down_policy == policy
+
+
+@pytest.mark.parametrize("text, seconds", [("10ms", 0.01), ("100ms", 0.1), ("0.5s", 0.5),
+                                           ("1", 1.0), ("10s", 10.0), ("0.01", 0.01)])
+def test_fsync_interval(text, seconds):
+    assert one("buffer.fsync_interval", text).buffer.fsync_interval == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text, rate", [("0", 0), ("1", 1), ("+50", 50),
+                                        ("1000000000", 1_000_000_000)])
+def test_replay_rate(text, rate):
+    assert one("buffer.replay_rate", text).buffer.replay_rate == rate
+
+
+def test_buffer_dir_need_not_exist(tmp_path):
+    path = str(tmp_path / "var" / "lib" / "ocpp-edge")  # the daemon creates it
+    assert one("buffer.dir", path).buffer.dir == path
+    assert not (tmp_path / "var").exists()  # checking creates nothing
+
+
+@pytest.mark.parametrize("name", ["buffer", "buffer/", "link-to-buffer", "buffer/../buffer"])
+def test_buffer_dir_may_exist(tmp_path, name):
+    (tmp_path / "buffer").mkdir()
+    (tmp_path / "link-to-buffer").symlink_to(tmp_path / "buffer")
+    path = f"{tmp_path}/{name}"
+    assert one("buffer.dir", path).buffer.dir == path  # as written
+    assert one("buffer.dir", f'"{path}"').buffer.dir == path
+
+
+def test_buffer_dir_root_and_spaces(tmp_path):
+    assert one("buffer.dir", "/").buffer.dir == "/"
+    path = f"{tmp_path}/ocpp edge"
+    assert one("buffer.dir", f"'{path}'").buffer.dir == path
+
+
+@pytest.mark.parametrize("name", ["buffer.db", "buffer.db/", "link-to-file"])
+def test_buffer_dir_must_be_a_directory_if_it_exists(tmp_path, name):
+    (tmp_path / "buffer.db").write_bytes(b"SQLite format 3\x00")
+    (tmp_path / "link-to-file").symlink_to(tmp_path / "buffer.db")
+    path = f"{tmp_path}/{name}"
+    exc = error_of(f"{FILLER}buffer.dir = {path}\n")
+    assert (exc.key, exc.line) == ("buffer.dir", 4)
+    assert str(exc) == f"x.conf:4, key 'buffer.dir': {path!r} is not a directory"
+
+
+def test_buffer_dir_dangling_symlink(tmp_path):
+    (tmp_path / "buffer").symlink_to(tmp_path / "mnt" / "sd")
+    path = str(tmp_path / "buffer")
+    exc = error_of(f"{FILLER}buffer.dir = {path}\n")
+    assert (exc.key, exc.line) == ("buffer.dir", 4)
+    assert exc.reason == (f"{path!r} is a symbolic link to {str(tmp_path / 'mnt' / 'sd')!r}, "
+                          "which does not exist")
+
+
+@pytest.mark.parametrize("below", ["x", "x/y/z", "x/", "../x"])
+def test_buffer_dir_under_a_file_cannot_be_created(tmp_path, below):
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    path = f"{tmp_path}/hosts/{below}"
+    exc = error_of(f"{FILLER}buffer.dir = {path}\n")
+    assert (exc.key, exc.line) == ("buffer.dir", 4)
+    assert exc.reason == f"cannot be created: {str(tmp_path / 'hosts')!r} is not a directory"
+
+
+def test_buffer_dir_under_a_dangling_symlink_cannot_be_created(tmp_path):
+    (tmp_path / "data").symlink_to(tmp_path / "unmounted")
+    exc = error_of(f"buffer.dir = {tmp_path}/data/ocpp-edge\n")
+    assert exc.reason == f"cannot be created: {str(tmp_path / 'data')!r} is not a directory"
+
+
+def test_buffer_keys_misspelt_suggest_the_key():
+    exc = error_of(FILLER + "buffer.fsync_intervall = 100ms\n")
+    assert str(exc) == ("x.conf:4, key 'buffer.fsync_intervall': unknown key "
+                        "(did you mean buffer.fsync_interval?)")
+    exc = error_of(FILLER + "ocpp.upstream_down_polcy = buffer\n")
+    assert str(exc) == ("x.conf:4, key 'ocpp.upstream_down_polcy': unknown key "
+                        "(did you mean ocpp.upstream_down_policy?)")
+
+
+def test_buffer_problems_are_all_listed_in_file_order():
+    exc = error_of("buffer.replay_rate = -5\n"
+                   "ocpp.upstream_down_policy = close\n"
+                   "buffer.dir = buffer\n"
+                   "buffer.max_bytes = 256MB\n"
+                   "buffer.fsync_interval = 1ms\n")
+    assert (exc.key, exc.line) == ("buffer.replay_rate", 1)
+    assert str(exc).splitlines() == [
+        "x.conf:1, key 'buffer.replay_rate': must be at least 0, got '-5'",
+        "x.conf:2, key 'ocpp.upstream_down_policy': must be one of buffer, close_stations, "
+        "got 'close'",
+        "x.conf:3, key 'buffer.dir': must be an absolute path (the service does not run from "
+        "the directory you are in), got 'buffer'",
+        "x.conf:5, key 'buffer.fsync_interval': must be between 10ms and 10s, got '1ms'",
+    ]
 
 
 # -- relations between keys -------------------------------------------------------------

@@ -1,0 +1,269 @@
+"""The durable buffer on a real disk: order, acks, persistence, overflow, crash recovery,
+damaged stores (property-based), and a full filesystem (a real size-limited tmpfs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ocpp_edge.diskbuffer import FILENAME, DiskBuffer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def drain(buf: DiskBuffer) -> list[bytes]:
+    out = []
+    while True:
+        batch = buf.take(100)
+        if not batch:
+            return out
+        for rec in batch:
+            out.append(rec.payload)
+            buf.ack(rec)
+
+
+class TestFifo:
+    def test_order_ack_and_persistence(self, tmp_path):
+        b = DiskBuffer(tmp_path, 1000, 10**7)
+        for i in range(10):
+            b.append("t", b"m%d" % i)
+        first = b.take(3)
+        b.ack(first[1])  # out of order: nothing leaves until m0 is acked
+        assert len(b) == 10
+        b.ack(first[0])
+        assert len(b) == 8 and b.unsent == 7
+        b.commit()
+        b.close()
+        b = DiskBuffer(tmp_path, 1000, 10**7)
+        assert drain(b) == [b"m%d" % i for i in range(2, 10)]  # m2 was never acked
+
+    def test_rewind_sends_in_flight_again_in_order(self, tmp_path):
+        b = DiskBuffer(tmp_path, 1000, 10**7)
+        for i in range(5):
+            b.append("t", b"%d" % i)
+        got = b.take(3)
+        b.ack(got[0])
+        assert b.rewind() == 2
+        assert [r.payload for r in b.take(10)] == [b"1", b"2", b"3", b"4"]
+
+    def test_new_messages_queue_behind_a_backlog(self, tmp_path):
+        b = DiskBuffer(tmp_path, 10**6, 10**9)
+        for i in range(2500):
+            b.append("t", b"%d" % i)
+        b.commit()
+        out = [r.payload for r in b.take(1000)]
+        b.append("t", b"new")
+        out += drain(b)
+        assert out == [b"%d" % i for i in range(2500)] + [b"new"]
+
+    def test_uncommitted_messages_are_lost_with_the_process_committed_ones_are_not(
+            self, tmp_path):
+        script = textwrap.dedent(f"""
+            import os, sys
+            sys.path.insert(0, {str(ROOT)!r})
+            from ocpp_edge.diskbuffer import DiskBuffer
+            b = DiskBuffer({str(tmp_path)!r}, 1000, 10**7)
+            for i in range(5):
+                b.append("t", b"c%d" % i)
+            b.commit()
+            for i in range(5):
+                b.append("t", b"u%d" % i)
+            os._exit(9)  # like kill -9: no close, no commit
+            """)
+        subprocess.run([sys.executable, "-c", script], check=False)
+        assert drain(DiskBuffer(tmp_path, 1000, 10**7)) == [b"c%d" % i for i in range(5)]
+
+
+class TestOverflow:
+    @staticmethod
+    def full(tmp_path, policy):
+        b = DiskBuffer(tmp_path, 4, 10**7, policy)
+        b.append("t", b"T1", important=True)
+        b.append("t", b"n1")
+        b.append("t", b"T2", important=True)
+        b.append("t", b"n2")
+        return b
+
+    def test_drop_oldest_spares_transactions(self, tmp_path):
+        b = self.full(tmp_path, "drop_oldest")
+        assert b.append("t", b"n3") is not None
+        assert b.append("t", b"n4") is not None
+        assert b.append("t", b"n5") is not None  # only T1, T2, n4... left to choose from
+        assert drain(b) == [b"T1", b"T2", b"n4", b"n5"]
+        assert b.dropped == 3
+
+    def test_drop_oldest_drops_a_transaction_only_for_a_transaction(self, tmp_path):
+        b = DiskBuffer(tmp_path, 2, 10**7, "drop_oldest")
+        b.append("t", b"T1", important=True)
+        b.append("t", b"T2", important=True)
+        assert b.append("t", b"n1") is None  # a plain message never evicts a transaction
+        assert b.append("t", b"T3", important=True) is not None  # the oldest one goes
+        assert drain(b) == [b"T2", b"T3"]
+
+    def test_drop_newest_refuses_newcomers_but_not_transactions(self, tmp_path):
+        b = self.full(tmp_path, "drop_newest")
+        assert b.append("t", b"n3") is None
+        assert b.append("t", b"T3", important=True) is not None  # evicts n2, the newest plain
+        assert drain(b) == [b"T1", b"n1", b"T2", b"T3"]
+
+    def test_in_flight_messages_are_never_dropped(self, tmp_path):
+        b = DiskBuffer(tmp_path, 2, 10**7, "drop_oldest")
+        b.append("t", b"a")
+        b.append("t", b"b")
+        b.take(2)
+        assert b.append("t", b"c") is None
+        assert b.dropped == 1
+
+    def test_bytes_bound(self, tmp_path):
+        b = DiskBuffer(tmp_path, 10**6, 2000, "drop_oldest")
+        for i in range(100):
+            b.append("t", b"x" * 100 + b"%d" % i)
+        assert b.bytes <= 2000 and len(b) < 100 and b.dropped == 100 - len(b)
+        assert drain(b)[-1].endswith(b"99")
+
+
+# -- crash recovery --------------------------------------------------------------------
+
+BATCHES = 6
+PER_BATCH = 40
+
+
+@pytest.fixture(scope="module")
+def crashed_store(tmp_path_factory) -> tuple[Path, list[list[bytes]]]:
+    """A store left by a process killed after six group commits, WAL not checkpointed."""
+    d = tmp_path_factory.mktemp("crashed")
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from ocpp_edge.diskbuffer import DiskBuffer
+        b = DiskBuffer({str(d)!r}, 10**6, 10**9)
+        for k in range({BATCHES}):
+            for i in range({PER_BATCH}):
+                b.append("ocpp/cp/CP%d" % k, b"batch%d-%03d" % (k, i) + b"x" * 50)
+            b.commit()
+        os._exit(9)
+        """)
+    subprocess.run([sys.executable, "-c", script], check=False)
+    assert (d / (FILENAME + "-wal")).stat().st_size > 0
+    batches = [[b"batch%d-%03d" % (k, i) + b"x" * 50 for i in range(PER_BATCH)]
+               for k in range(BATCHES)]
+    return d, batches
+
+
+def copy_store(src: Path, dst: Path) -> None:
+    for name in os.listdir(src):
+        shutil.copy(src / name, dst / name)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fraction=st.floats(0, 1))
+def test_torn_wal_recovers_to_the_last_good_commit(crashed_store, tmp_path_factory, fraction):
+    src, batches = crashed_store
+    d = tmp_path_factory.mktemp("torn")
+    copy_store(src, d)
+    wal = d / (FILENAME + "-wal")
+    size = wal.stat().st_size
+    with open(wal, "r+b") as f:
+        f.truncate(int(size * fraction))  # the tail of the log never reached the disk
+    got = drain(DiskBuffer(d, 10**6, 10**9))
+    whole = [m for batch in batches for m in batch]
+    # a prefix made of whole commits: never half a batch, never a reordering
+    assert got == whole[:len(got)] and len(got) % PER_BATCH == 0
+    if fraction == 1:
+        assert got == whole
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(["", "-wal"]), where=st.floats(0, 1),
+       junk=st.binary(min_size=1, max_size=64))
+def test_garbled_store_starts_and_keeps_what_is_intact(crashed_store, tmp_path_factory,
+                                                         which, where, junk):
+    src, batches = crashed_store
+    d = tmp_path_factory.mktemp("garbled")
+    copy_store(src, d)
+    victim = d / (FILENAME + which)
+    size = victim.stat().st_size
+    with open(victim, "r+b") as f:
+        f.seek(min(int(size * where), size - 1))
+        f.write(junk)
+    buf = DiskBuffer(d, 10**6, 10**9)  # never raises
+    got = drain(buf)
+    whole = [m for batch in batches for m in batch]
+    assert all(m in whole for m in got)  # nothing invented
+    assert got == sorted(got, key=whole.index)  # in order
+    if buf.moved_aside:
+        assert all(p.exists() for p in buf.moved_aside)  # kept for inspection
+    buf.append("t", b"after")  # and the store works
+    buf.commit()
+
+
+def test_unreadable_store_is_moved_aside_and_replaced(tmp_path):
+    (tmp_path / FILENAME).write_bytes(b"this is not a database at all" * 100)
+    buf = DiskBuffer(tmp_path, 10, 10**6)
+    assert len(buf) == 0 and buf.moved_aside
+    assert buf.moved_aside[0].read_bytes().startswith(b"this is not")
+
+
+# -- a full disk ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 4 MiB tmpfs (mounting needs root, as CI has)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"mounting a test tmpfs failed (root needed): {r.stderr}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:  # ENOSPC: full
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_full_disk_never_raises_and_resumes(tiny_fs):
+    b = DiskBuffer(tiny_fs, 10**6, 10**9, spill_max=300)
+    sent = []
+
+    def put(i):
+        if b.append("ocpp/cp/X", b"%06d" % i + b"y" * 200) is not None:
+            sent.append(i)
+        if i % 50 == 49:
+            b.commit()
+
+    for i in range(1000):
+        put(i)
+    assert b.write_errors == 0
+    ballast = tiny_fs / "ballast"
+    fill(ballast)  # the disk is full now
+    for i in range(1000, 2000):
+        put(i)
+    assert b.write_errors > 0 and b.dropped > 0  # noticed, dropped by policy, went on
+    ballast.unlink()  # space returns
+    assert b.commit() is True
+    for i in range(2000, 2100):
+        put(i)
+    b.commit()
+    got = [int(p[:6]) for p in drain(b)]
+    assert got == sorted(got) and set(got) <= set(sent)
+    assert set(range(1000)) <= set(got)  # what was committed before the disk filled
+    assert set(range(2000, 2100)) <= set(got)  # and everything after it emptied
