@@ -15,12 +15,11 @@ charge point id), ``${action}``, ``${id}`` (UniqueId), ``${type}`` (MessageTypeI
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ocpp_edge.ocppj.codec import parse_json
 from ocpp_edge.ocppj.messages import (
     Call,
     CallError,
@@ -149,17 +148,6 @@ _DOWN_REQUIRED = {
 }
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
-
-
 def parse_downstream(payload: bytes | str) -> Message:
     """Turn a backend's EMQX-format JSON object into an OCPP-J message.
 
@@ -167,7 +155,7 @@ def parse_downstream(payload: bytes | str) -> Message:
     Payload; 4 needs UniqueId, ErrorCode, ErrorDescription (ErrorDetails optional).
     """
     try:
-        obj = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite)
+        obj = parse_json(payload)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise DownstreamError(f"payload is not JSON: {exc}") from None
     if not isinstance(obj, dict):

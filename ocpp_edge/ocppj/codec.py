@@ -65,6 +65,14 @@ def _finite(text: str) -> float:
 _decoder = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
 
 
+def parse_json(text: str | bytes) -> object:
+    """Strict JSON (RFC 8259): no NaN/Infinity, no number beyond float range. Raises
+    ValueError (UnicodeDecodeError included) or RecursionError."""
+    if isinstance(text, bytes | bytearray):
+        text = text.decode("utf-8")
+    return _decoder.decode(text)
+
+
 def _is_action(value: object) -> bool:
     # Actions are OCPP message names (e.g. "BootNotification"); a vendor's own names still
     # follow that pattern. Restricting the alphabet keeps actions safe in topics and logs.
@@ -75,7 +83,7 @@ def _is_action(value: object) -> bool:
 def decode(text: str, version: str = Version.V16) -> Message:
     """Parse one frame sent by a peer speaking ``version``."""
     try:
-        frame = _decoder.decode(text)
+        frame = parse_json(text)
     except (ValueError, RecursionError) as exc:
         raise RpcFrameworkError(f"message is not valid JSON: {str(exc)[:80]}") from None
     if not isinstance(frame, list) or not frame:
