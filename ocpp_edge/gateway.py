@@ -68,6 +68,7 @@ class Gateway:
         self.buffer = DiskBuffer(b.dir, b.max_messages, b.max_bytes, b.overflow)
         self.buffer.on_dirty = self._schedule_commit
         self._commit_handle: asyncio.TimerHandle | None = None
+        self._last_commit = 0.0
         self.uplink = MqttUplink(
             host=m.host, port=m.port, client_id=m.client_id, username=m.username,
             password=m.password, qos=m.qos, clean_session=m.clean_session,
@@ -246,6 +247,12 @@ class Gateway:
         important = isinstance(msg, Call) and msg.action in TRANSACTION_ACTIONS
         if self.buffer.append(topic, payload, important) is not None:
             self.uplink.kick()
+        # A charge point flooding frames keeps Tornado's read loop from returning to the
+        # event loop, so the commit timer alone could starve: the fsync window is also
+        # enforced here, on the path that fills the buffer.
+        if self._loop is not None and self._loop.time() - self._last_commit >= \
+                self.settings.buffer.fsync_interval:
+            self._commit()
 
     # -- the buffer's group commit and the upstream link's state ---------------------------
 
@@ -255,7 +262,11 @@ class Gateway:
                 self.settings.buffer.fsync_interval if delay is None else delay, self._commit)
 
     def _commit(self) -> None:
-        self._commit_handle = None
+        if self._commit_handle is not None:
+            self._commit_handle.cancel()
+            self._commit_handle = None
+        if self._loop is not None:
+            self._last_commit = self._loop.time()
         if not self.buffer.commit():
             self._schedule_commit(max(1.0, self.settings.buffer.fsync_interval))  # disk full
         elif self.buffer.dirty:
