@@ -17,11 +17,9 @@ Handshake (SPEC "Connection"):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,7 +36,6 @@ CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003  # a binary frame: OCPP-J is text only (OCPP-J 1.6 §4.1.2)
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
-YIELD_EVERY = 8  # frames read from one socket before the event loop gets a turn
 _FORBIDDEN_IN_CID = re.compile(r"[/+#\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls
 
 
@@ -85,7 +82,6 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
         self.connected_at = 0.0
         self.peer = ""
         self._open = False
-        self._frames = 0
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -135,22 +131,15 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
         self._open = True
         self.hub.cp_connected(self)
 
-    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+    def on_message(self, message: str | bytes) -> None:
         if not self._open:
-            return None
+            return
         if isinstance(message, bytes):
             log.warning("cp %s: binary frame received; closing (OCPP-J is text only)",
                         self.cid)
             self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
-            return None
+            return
         self.hub.cp_text(self, message)
-        self._frames += 1
-        if self._frames % YIELD_EVERY == 0:
-            # Tornado reads buffered frames without returning to the event loop; a
-            # charge point that floods would starve every timer (timeouts, heartbeats,
-            # reconnects). Tornado awaits what on_message returns: let the loop run.
-            return asyncio.sleep(0)
-        return None
 
     def on_close(self) -> None:
         if self._open:
