@@ -16,9 +16,10 @@ How:
 * ``commit`` — called by the gateway every ``fsync_interval`` while there are changes —
   commits the transaction: one WAL append + fsync (``synchronous=FULL``) for all the
   messages and deletions of that interval.
-* ``take`` hands out the oldest unsent records. Recent ones come from an in-memory mirror
-  of the unsent tail; a backlog larger than the mirror (or one found at start-up) is read
-  back from the table in batches.
+* ``take`` hands out the oldest unsent records, read from the table after a cursor (one
+  SELECT per pump): a backlog of any size, or one found at start-up, goes out in order
+  ahead of new messages. Only while the disk refuses writes are records served from
+  memory (the spill).
 * ``ack`` marks a record delivered; the contiguous acked prefix is DELETEd (a range delete)
   in the next commit. ``rewind`` makes everything in flight unsent again.
 * Full (``max_messages`` / ``max_bytes``): ``drop_oldest`` removes the oldest unsent

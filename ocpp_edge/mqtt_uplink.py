@@ -110,18 +110,16 @@ class MqttUplink:
         if self._rate_handle:
             self._rate_handle.cancel()
         if self._client is not None:
-            if self.connected:
-                self._client.disconnect()  # DISCONNECT goes out via loop_write, then closes
-            else:
-                self._client.disconnect()
-                self._close_socket()
+            self._client.disconnect()  # DISCONNECT goes out via loop_write, then closes
+            if not self.connected:
+                self._close_socket()  # nothing to say to a broker that never answered
             try:
                 await asyncio.wait_for(self._closed.wait(), timeout=2.0)
             except TimeoutError:
                 self._close_socket()
         if len(self.buffer):
-            log.warning("stopping with %d upstream message(s) not acknowledged by the broker",
-                        len(self.buffer))
+            log.info("stopping with %d upstream message(s) not yet acknowledged by the "
+                     "broker; they stay in the buffer for the next start", len(self.buffer))
 
     def kick(self) -> None:
         """The buffer grew: publish soon (once per loop iteration, however many appends)."""

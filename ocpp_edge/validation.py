@@ -117,9 +117,6 @@ class Validator:
     def __len__(self) -> int:
         return len(self._schemas)
 
-    def has(self, version: str, action: str, response: bool = False) -> bool:
-        return (version, action + ("Response" if response else "Request")) in self._schemas
-
     # -- compiling -----------------------------------------------------------------------
 
     def _validator(self, key: tuple[str, str]):
@@ -131,7 +128,7 @@ class Validator:
             except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back
                 log.warning("schema %s/%s: fastjsonschema cannot compile it (%s); using "
                             "jsonschema", *key, exc)
-                fn = _jsonschema_validator(schema)
+                fn = _JsonSchemaFallback(schema)
             self._compiled[key] = fn
         return fn
 
@@ -204,7 +201,3 @@ class _JsonSchemaFallback:
             raise fastjsonschema.JsonSchemaValueException(
                 error.message, value=error.instance, name=path,
                 definition=error.schema, rule=error.validator)
-
-
-def _jsonschema_validator(schema: dict) -> _JsonSchemaFallback:
-    return _JsonSchemaFallback(schema)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -48,6 +49,20 @@ def mosquitto_binary() -> str:
     if not os.access(found, os.X_OK):
         raise RuntimeError("mosquitto is not installed: run `make test`, which installs it")
     return found
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    """A real size-limited tmpfs at ``path`` (mounting needs root, as CI has)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"mounting a test tmpfs failed (root needed): {r.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 class Broker:

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -218,15 +219,8 @@ def test_unreadable_store_is_moved_aside_and_replaced(tmp_path):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    """A real 4 MiB tmpfs (mounting needs root, as CI has)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"mounting a test tmpfs failed (root needed): {r.stderr}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "tiny", "4m") as mnt:
+        yield mnt
 
 
 def fill(path: Path) -> None:

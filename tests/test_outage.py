@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
 import time
 
 import pytest
 import websockets
-
-from conftest import Backend, Broker
+from conftest import Backend, Broker, tmpfs
 
 # Retries 1-2 s apart, so the test's backend subscribes before the backlog is replayed.
 SLOW_RETRY = "mqtt.reconnect_delay_min = 2s\nmqtt.reconnect_delay_max = 2s\n"
@@ -123,13 +120,7 @@ def test_overflow_policies_keep_transactions(make_gateway, tmp_path, policy,
 
 
 def test_full_filesystem_is_survived(make_gateway, tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"mounting a test tmpfs failed (root needed): {r.stderr}")
-    try:
+    with tmpfs(tmp_path / "tiny", "1m") as mnt:
         broker = Broker(tmp_path)
         gw = make_gateway(broker.port, SLOW_RETRY + f"buffer.dir = {mnt}\n")
         big = "x" * 2000
@@ -152,9 +143,6 @@ def test_full_filesystem_is_survived(make_gateway, tmp_path):
             be.close()
         finally:
             broker.stop()
+        gw.stop()  # before the file system goes away
         ids = [int(u[1:]) for u in got]
         assert ids == sorted(ids)  # what was kept goes out in order
-    finally:
-        gw.stop()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        os.sync()
