@@ -590,6 +590,9 @@ class Driver:
                 ("log.level", "warning"),
                 ("buffer.max_messages", "2000000"),
                 ("buffer.max_bytes", "2GB"),
+                ("auth.allow_anonymous", "true"),
+                ("auth.password_file", ""),
+                ("ocpp.max_message_rate", "0"),  # the bench floods on purpose
                 *extra]
         conf = os.path.join(self.tmp, f"{name}.conf")
         text = "".join(f"{k} = {v}\n" for k, v in keys)

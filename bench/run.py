@@ -352,6 +352,11 @@ class SystemRun:
                 # product's default /var/lib/ocpp-edge (same file system here: /tmp and
                 # /var/lib are both on /)
                 keys.append(("buffer.dir", os.path.join(self.tmp, "gw-buffer")))
+            if spec_has_key(a.gw_src, "auth.allow_anonymous"):
+                # the load generator's charge points carry no credentials and send as
+                # fast as they can: measured is the gateway, not its limits
+                keys += [("auth.allow_anonymous", "true"), ("auth.password_file", ""),
+                         ("ocpp.max_message_rate", "0")]
             for item in a.gw_set:
                 key, _, value = (x.strip() for x in item.partition("="))
                 keys = [(k, v) for k, v in keys if k != key]

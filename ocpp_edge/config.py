@@ -34,8 +34,10 @@ try:  # configobj 5.0.9 (and the 5.0.8 wheels) ship validate inside the package,
 except ImportError:  # older layouts as a top-level module.
     import validate as _validate
 
+from ocpp_edge import tls as _tls
 from ocpp_edge.errors import ConfigError
 from ocpp_edge.router import DNSTREAM_PLACEHOLDERS, UPSTREAM_PLACEHOLDERS, compile_template
+from ocpp_edge.tls import TlsSettings
 
 SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1", "ocpp2.1")
 
@@ -47,13 +49,46 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class ListenerSettings:
+    """One charge point listener: ``ocpp.listener.<kind>`` or ``ocpp.listener.<kind>.<name>``."""
+    key: str                    # the address key, e.g. "ocpp.listener.wss.vlan"
+    kind: str                   # "ws" | "wss"
+    listen: Listen
+    max_connections: int        # open connections (handshaking or upgraded) at once
+    max_conn_rate: int          # new connections per second; 0: no limit
+    allow_anonymous: bool       # resolved: the listener's own value or auth.allow_anonymous
+    tls: TlsSettings | None     # wss only
+
+    @property
+    def scheme(self) -> str:
+        return self.kind
+
+    @property
+    def profile(self) -> int:
+        """The OCPP security profile this listener offers at most (SECURITY.md)."""
+        if self.tls is None:
+            return 1
+        return 3 if self.tls.verify else 2
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    password_file: str | None   # charge point credentials (ocpp-edge passwd)
+    allow_anonymous: bool       # default of the listeners' allow_anonymous
+    known_ids_only: bool        # 404 for an id without an entry in password_file
+    max_failures: int           # failed authentications per address ...
+    failure_window: float       # ... within this many seconds before 429
+
+
+@dataclass(frozen=True)
 class OcppSettings:
-    listener_ws: Listen | None
+    listeners: tuple[ListenerSettings, ...]
     path: str
     subprotocols: tuple[str, ...]
     default_subprotocol: str
     fail_if_no_subprotocol: bool
     max_frame_size: int
+    max_message_rate: int                       # frames/s per charge point; 0: no limit
     mountpoint: str
     upstream_topic: str                         # raw template text, validated
     upstream_topic_overrides: Mapping[str, str]  # Action -> template text
@@ -84,7 +119,12 @@ class MqttSettings:
     port: int
     client_id: str              # ${hostname} already replaced
     username: str | None
-    password: str | None
+    password: str | None        # mqtt.password, or the content of mqtt.password_file
+    tls: bool                   # mqtts://
+    cacertfile: str | None      # None: the system's CAs
+    certfile: str | None
+    keyfile: str | None
+    verify_hostname: bool
     qos: int
     clean_session: bool
     keepalive: float            # seconds
@@ -113,6 +153,7 @@ class Settings:
     ocpp: OcppSettings
     mqtt: MqttSettings
     buffer: BufferSettings
+    auth: AuthSettings
     log: LogSettings
     source: str                 # path of the file, or "<string>"
 
@@ -179,6 +220,11 @@ def check_option(value, *choices):
         if text.lower() == choice.lower():
             return choice
     raise Invalid(f"must be one of {', '.join(choices)}, got {text!r}")
+
+
+def check_optional_boolean(value):
+    """Empty -> None (another key decides); otherwise a boolean."""
+    return None if _scalar(value) == "" else check_boolean(value)
 
 
 _DURATION = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", re.IGNORECASE)
@@ -302,8 +348,48 @@ def check_topic_template(value, kind):
     return text
 
 
+def check_file(value):
+    """Empty -> None; otherwise an absolute path. Whether the file can be read is
+    checked once it is known to be used (see ``_cross_checks``)."""
+    text = _scalar(value)
+    if not text:
+        return None
+    _absolute(text)
+    return text
+
+
+def check_tls_versions(value):
+    names = value if isinstance(value, list) else value.split(",")
+    names = [name.strip().lower() for name in names if name.strip()]
+    if not names:
+        raise Invalid("must list tlsv1.3, tlsv1.2 or both")
+    for name in names:
+        if name not in _tls.TLS_VERSIONS:
+            raise Invalid(f"{name!r} is not tlsv1.2 or tlsv1.3 (OCPP requires TLS 1.2 or "
+                          "newer; older versions are never offered)")
+    return tuple(dict.fromkeys(names))
+
+
+def check_ciphers(value):
+    """An OpenSSL cipher list for TLS 1.2 (``ECDHE-ECDSA-AES128-GCM-SHA256:...``);
+    empty -> the OCPP set (see tls.py)."""
+    text = ":".join(value) if isinstance(value, list) else value
+    if text and _ssl_ciphers_unknown(text):
+        raise Invalid(f"OpenSSL knows none of the ciphers in {text!r}")
+    return text
+
+
+def _ssl_ciphers_unknown(text: str) -> bool:
+    import ssl
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(text)
+    except ssl.SSLError:
+        return True
+    return False
+
+
 def check_mqtt_url(value):
-    """``mqtt://host[:port]`` -> (host, port)."""
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (tls, host, port)."""
     text = _scalar(value)
     try:
         url = urlsplit(text)
@@ -314,17 +400,16 @@ def check_mqtt_url(value):
         # Never echo the URL: it would put the password in the journal.
         raise Invalid("put the user name and password in mqtt.username and "
                       "mqtt.password, not in the URL")
-    if url is not None and url.scheme == "mqtts":
-        raise Invalid("TLS to the broker is not supported yet; use mqtt://host:port")
-    if (url is None or url.scheme != "mqtt" or not url.hostname or port == 0
+    if (url is None or url.scheme not in ("mqtt", "mqtts") or not url.hostname or port == 0
             or url.path not in ("", "/") or url.query or url.fragment):
-        raise Invalid(f"must look like mqtt://host:port (the port defaults to 1883), "
-                      f"got {text!r}")
+        raise Invalid(f"must look like mqtt://host:port (the port defaults to 1883) or "
+                      f"mqtts://host:port (TLS, port 8883), got {text!r}")
     try:
         url.hostname.encode("idna")  # what the resolver will be asked
     except UnicodeError:
         raise Invalid(f"{url.hostname!r} is not a valid host name") from None
-    return url.hostname, port or 1883
+    tls = url.scheme == "mqtts"
+    return tls, url.hostname, port or (8883 if tls else 1883)
 
 
 def check_client_id(value):
@@ -391,10 +476,23 @@ _CHECKS = {
     "mountpoint": check_mountpoint, "topic_template": check_topic_template,
     "mqtt_url": check_mqtt_url, "client_id": check_client_id,
     "schema_dir": check_schema_dir, "state_dir": check_state_dir,
+    "optional_boolean": check_optional_boolean, "file": check_file,
+    "tls_versions": check_tls_versions, "ciphers": check_ciphers,
 }
 
 _SPEC_LINES = (resources.files("ocpp_edge") / "configspec.ini").read_text("utf-8").splitlines()
-_SPEC_KEYS = tuple(ConfigObj(_SPEC_LINES, list_values=False, interpolation=False).scalars)
+_SPEC = ConfigObj(_SPEC_LINES, list_values=False, interpolation=False)
+_SPEC_KEYS = tuple(_SPEC.scalars)
+
+# Options of the two listener kinds, as written after ``ocpp.listener.<kind>.``.
+_LISTENER_OPTIONS = {
+    kind: tuple(k[len(f"ocpp.listener.{kind}."):] for k in _SPEC_KEYS
+                if k.startswith(f"ocpp.listener.{kind}."))
+    for kind in ("ws", "wss")
+}
+_ALL_LISTENER_OPTIONS = frozenset(_LISTENER_OPTIONS["ws"] + _LISTENER_OPTIONS["wss"])
+_NAMED_LISTENER = re.compile(r"ocpp\.listener\.(ws|wss)\.([^.]+)(?:\.(.*))?", re.DOTALL)
+_LISTENER_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 # ---------------------------------------------------------------------------------------
 # Reading the file.
@@ -504,11 +602,21 @@ def load_text(text: str, source: str = "<string>") -> Settings:
     values: dict[str, str | list[str]] = {}
     overrides: dict[str, str] = {}
     written: dict[str, str] = {}  # spec key -> the key as written (it may be an alias)
+    extra_spec: list[str] = []  # checks for the keys of named listeners
     for key in parsed.scalars:
         line, value = key_lines.get(key), parsed[key]
         override = _OVERRIDE.fullmatch(key)
         name = _ALIASES.get(key, key)
-        if name not in _SPEC_KEYS and not override:
+        known = name in _SPEC_KEYS
+        if not known and not override:
+            spec, problem = _named_listener_spec(key)
+            if problem is not None:
+                problems.append(_Problem(line, key, problem))
+                continue
+            if spec is not None:
+                extra_spec.append(f"{key} = {spec}")
+                known = True
+        if not known and not override:
             near = difflib.get_close_matches(key, _SPEC_KEYS, n=1, cutoff=0.85)
             hint = f" (did you mean {near[0]}?)" if near else ""
             problems.append(_Problem(line, key, f"unknown key{hint}"))
@@ -538,17 +646,154 @@ def load_text(text: str, source: str = "<string>") -> Settings:
             except Invalid as exc:
                 problems.append(_Problem(line, key, str(exc)))
 
-    checked = ConfigObj(values, configspec=_SPEC_LINES, interpolation=False)
+    checked = ConfigObj(values, configspec=_SPEC_LINES + extra_spec, interpolation=False)
     results = checked.validate(_validate.Validator(_CHECKS), preserve_errors=True)
     if results is not True:
         problems += [_Problem(key_lines.get(written.get(key, key)), written.get(key, key),
                               str(result))
                      for key, result in results.items() if result is not True]
+    listeners: tuple[ListenerSettings, ...] = ()
+    mqtt_password: str | None = None
     if not problems:
         problems = _cross_checks(checked, key_lines)
+        listeners, more = _listeners(checked, values, key_lines)
+        problems += more
+        mqtt_password, more = _mqtt_checks(checked, key_lines)
+        problems += more
     if problems:
         _raise(problems, source)
-    return _settings(checked, overrides, source)
+    return _settings(checked, overrides, listeners, mqtt_password, source)
+
+
+def _named_listener_spec(key: str) -> tuple[str | None, str | None]:
+    """(check, None) for a key of a named listener, (None, problem) for a malformed one,
+    (None, None) when ``key`` is not about listeners at all."""
+    m = _NAMED_LISTENER.fullmatch(key)
+    if not m:
+        return None, None
+    kind, name, option = m.groups()
+    if name in _ALL_LISTENER_OPTIONS:
+        return None, (f"unknown key: {name} is an option of "
+                      f"{'wss listeners only' if kind == 'ws' else 'another listener kind'}")
+    if not _LISTENER_NAME.fullmatch(name):
+        return None, (f"{name!r} is not a listener name (1 to 32 letters, digits, '_' or "
+                      f"'-'), as in ocpp.listener.{kind}.vlan = 10.0.0.1:33033")
+    if option is None:
+        return 'listen(default="off")', None
+    if option not in _LISTENER_OPTIONS[kind]:
+        known = ", ".join(_LISTENER_OPTIONS[kind])
+        return None, f"unknown key: {kind} listeners have the options {known}"
+    return _SPEC[f"ocpp.listener.{kind}.{option}"], None
+
+
+def _listeners(v: ConfigObj, written: Mapping[str, object],
+               key_lines: dict[str, int]) -> tuple[tuple[ListenerSettings, ...], list[_Problem]]:
+    """The enabled listeners, the unnamed ones first; a named listener's option that is
+    not written is inherited from the unnamed listener of the same kind."""
+    problems: list[_Problem] = []
+    bases = [f"ocpp.listener.{kind}" for kind in ("ws", "wss")]
+    for key in written:
+        m = _NAMED_LISTENER.fullmatch(key)
+        if m and m[3] is None and m[2] not in _ALL_LISTENER_OPTIONS:
+            bases.append(key)
+    for key in written:  # options of a listener that has no address
+        m = _NAMED_LISTENER.fullmatch(key)
+        if m and m[2] not in _ALL_LISTENER_OPTIONS and m[3] is not None \
+                and f"ocpp.listener.{m[1]}.{m[2]}" not in written:
+            problems.append(_Problem(key_lines.get(key), key, f"sets an option of the "
+                                     f"listener ocpp.listener.{m[1]}.{m[2]}, which has no "
+                                     "address; add a line like "
+                                     f"ocpp.listener.{m[1]}.{m[2]} = 0.0.0.0:33035"))
+    listeners: list[ListenerSettings] = []
+    seen: dict[tuple[str, int], str] = {}
+    for base in bases:
+        listen = v[base]
+        if listen is None:
+            continue
+        kind = base.split(".")[2]
+
+        def source(option: str, base: str = base, kind: str = kind) -> str:
+            own = f"{base}.{option}"
+            return own if own in written else f"ocpp.listener.{kind}.{option}"
+
+        def get(option: str) -> object:
+            return v[source(option)]
+
+        def where(key: str, base: str = base) -> int | None:
+            return key_lines.get(key) or key_lines.get(base)
+
+        address = (listen.host, listen.port)
+        if listen.port and address in seen:
+            problems.append(_Problem(key_lines.get(base), base, f"{listen.host}:{listen.port} "
+                                     f"is already the address of {seen[address]}"))
+        seen[address] = base
+        anonymous = get("allow_anonymous")
+        tls = None
+        if kind == "wss":
+            verify = get("verify") == "verify_peer"
+            if get("fail_if_no_peer_cert") and not verify:
+                key = source("fail_if_no_peer_cert")
+                problems.append(_Problem(where(key), key, "has no effect unless "
+                                         f"{source('verify')} = verify_peer"))
+            tls = TlsSettings(
+                certfile=get("certfile") or "", keyfile=get("keyfile") or "",
+                cacertfile=get("cacertfile"), verify=verify,
+                fail_if_no_peer_cert=get("fail_if_no_peer_cert"),
+                peer_cert_id=get("peer_cert_id"), tls_versions=get("tls_versions"),
+                ciphers=get("ciphers"))
+            try:
+                _tls.server_context(tls)  # the daemon builds the same context
+            except _tls.TlsError as exc:
+                key = source(exc.field)
+                problems.append(_Problem(where(key), key, f"{exc} (needed by the wss "
+                                         f"listener {base})"))
+        listeners.append(ListenerSettings(
+            key=base, kind=kind, listen=listen, max_connections=get("max_connections"),
+            max_conn_rate=get("max_conn_rate"),
+            allow_anonymous=v["auth.allow_anonymous"] if anonymous is None else anonymous,
+            tls=tls))
+    return tuple(listeners), problems
+
+
+def _mqtt_checks(v: ConfigObj, key_lines: dict[str, int]) -> tuple[str | None, list[_Problem]]:
+    """The broker password (from mqtt.password or mqtt.password_file) and the problems
+    of the mqtt.* keys that depend on each other."""
+    problems: list[_Problem] = []
+    password = v["mqtt.password"] or None
+    password_file = v["mqtt.password_file"]
+    if password_file is not None:
+        key = "mqtt.password_file"
+        if password is not None:
+            problems.append(_Problem(key_lines.get(key), key, "mqtt.password is set too; "
+                                     "keep one of them"))
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            problems.append(_Problem(key_lines.get(key), key, f"cannot read "
+                                     f"{password_file!r}: {why}"))
+        else:
+            if not lines or not lines[0]:
+                problems.append(_Problem(key_lines.get(key), key, f"{password_file!r} is "
+                                         "empty; its first line is the password"))
+            else:
+                password = lines[0]
+    tls, _host, _port = v["mqtt.server"]
+    files = [k for k in ("mqtt.cacertfile", "mqtt.certfile", "mqtt.keyfile") if v[k]]
+    if not tls:
+        for key in files:
+            problems.append(_Problem(key_lines.get(key), key, "is only used with TLS: set "
+                                     "mqtt.server = mqtts://host:port"))
+    else:
+        try:
+            _tls.client_context(v["mqtt.cacertfile"], v["mqtt.certfile"], v["mqtt.keyfile"],
+                                v["mqtt.verify_hostname"])
+        except _tls.TlsError as exc:
+            key = f"mqtt.{exc.field}"
+            problems.append(_Problem(key_lines.get(key) or key_lines.get("mqtt.server"), key,
+                                     str(exc)))
+    return password, problems
 
 
 def _cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[_Problem]:
@@ -573,6 +818,10 @@ def _cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[_Problem]:
         problems.append(_Problem(line, key, "must be true with mqtt.qos = 2 (QoS 2 over a "
                                  "resumed session is not supported); use mqtt.qos = 1 for "
                                  "a persistent session"))
+    if v["auth.known_ids_only"] and v["auth.password_file"] is None:
+        key = "auth.known_ids_only"
+        problems.append(_Problem(key_lines.get(key), key, "needs auth.password_file: the "
+                                 "known ids are the ones it lists"))
     # A schema directory of one's own replaces the shipped one for every protocol offered.
     schema_dir = v["ocpp.json_schema_dir"]
     if schema_dir is not None and v["ocpp.message_format_checking"] != "disable":
@@ -600,16 +849,18 @@ def _cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[_Problem]:
     return problems
 
 
-def _settings(v: ConfigObj, overrides: dict[str, str], source: str) -> Settings:
-    host, port = v["mqtt.server"]
+def _settings(v: ConfigObj, overrides: dict[str, str], listeners: tuple[ListenerSettings, ...],
+              mqtt_password: str | None, source: str) -> Settings:
+    tls, host, port = v["mqtt.server"]
     return Settings(
         ocpp=OcppSettings(
-            listener_ws=v["ocpp.listener.ws"],
+            listeners=listeners,
             path=v["ocpp.path"],
             subprotocols=v["ocpp.subprotocols"],
             default_subprotocol=v["ocpp.default_subprotocol"],
             fail_if_no_subprotocol=v["ocpp.fail_if_no_subprotocol"],
             max_frame_size=v["ocpp.max_frame_size"],
+            max_message_rate=v["ocpp.max_message_rate"],
             mountpoint=v["ocpp.mountpoint"],
             upstream_topic=v["ocpp.upstream.topic"],
             upstream_topic_overrides=types.MappingProxyType(overrides),
@@ -638,7 +889,12 @@ def _settings(v: ConfigObj, overrides: dict[str, str], source: str) -> Settings:
             port=port,
             client_id=v["mqtt.client_id"],
             username=v["mqtt.username"] or None,
-            password=v["mqtt.password"] or None,
+            password=mqtt_password,
+            tls=tls,
+            cacertfile=v["mqtt.cacertfile"],
+            certfile=v["mqtt.certfile"],
+            keyfile=v["mqtt.keyfile"],
+            verify_hostname=v["mqtt.verify_hostname"],
             qos=v["mqtt.qos"],
             clean_session=v["mqtt.clean_session"],
             keepalive=v["mqtt.keepalive"],
@@ -653,6 +909,13 @@ def _settings(v: ConfigObj, overrides: dict[str, str], source: str) -> Settings:
             overflow=v["buffer.overflow"],
             fsync_interval=v["buffer.fsync_interval"],
             replay_rate=v["buffer.replay_rate"],
+        ),
+        auth=AuthSettings(
+            password_file=v["auth.password_file"],
+            allow_anonymous=v["auth.allow_anonymous"],
+            known_ids_only=v["auth.known_ids_only"],
+            max_failures=v["auth.max_failures"],
+            failure_window=v["auth.failure_window"],
         ),
         log=LogSettings(level=v["log.level"]),
         source=source,

@@ -13,41 +13,48 @@ Handshake (SPEC "Connection"):
   the client did not offer is never answered. No offer at all: ``default_subprotocol`` is
   used, unechoed, unless ``fail_if_no_subprotocol``. When nothing fits, the handshake
   completes without the header and the socket is closed at once (OCPP-J 1.6 §3.1.2).
+* Authentication (SECURITY.md, ``auth.py``) is decided in ``prepare``, before any
+  upgrade: a refusal is an HTTP status (401 with ``WWW-Authenticate``, 403, 404, 429).
+
+Limits (issue "Security"), each refusing the newcomer without disturbing anyone else:
+
+* ``max_connections`` and ``max_conn_rate`` per listener: checked when the TCP
+  connection is accepted, before TLS or HTTP cost anything; the socket is just closed.
+* ``ocpp.handshake_timeout``: the TLS handshake and the whole HTTP request head must
+  arrive within it (Tornado's header timeout), so a slow-loris client is cut off.
+* ``ocpp.max_frame_size``: a bigger frame closes the connection with 1009.
+* ``ocpp.max_message_rate``: a charge point sending faster is not cut off but slowed
+  down: the next frame is not read until its token is due, so TCP pushes back on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import ssl
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import tornado
+import tornado.httpserver
+import tornado.iostream
 import tornado.web
 import tornado.websocket
 
+from ocpp_edge.auth import Refusal
+from ocpp_edge.config import ListenerSettings
+from ocpp_edge.credentials import cid_problem
+
 log = logging.getLogger("ocpp_edge.cp")
 
-MAX_CID_LENGTH = 48
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003  # a binary frame: OCPP-J is text only (OCPP-J 1.6 §4.1.2)
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
-_FORBIDDEN_IN_CID = re.compile(r"[/+#\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls
-
-
-def cid_problem(cid: str | None) -> str | None:
-    """Why ``cid`` (already percent-decoded) is not acceptable, or None if it is."""
-    if not cid:
-        return "the charge point id (last path segment) is empty"
-    if len(cid) > MAX_CID_LENGTH:
-        return f"the charge point id is longer than {MAX_CID_LENGTH} characters"
-    if _FORBIDDEN_IN_CID.search(cid):
-        return "the charge point id contains '/', '+', '#' or a control character"
-    return None
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class ServerOptions:
     handshake_timeout: float = 10.0
     ping_interval: float = 0.0  # 0: no server pings
     ping_timeout: float = 30.0
+    max_message_rate: int = 0  # frames/s per charge point; 0: no limit
 
 
 class Hub(Protocol):
@@ -66,6 +74,7 @@ class Hub(Protocol):
 
     accepting: bool  # False: refuse new charge points (503) for now
 
+    def authenticate(self, conn: ChargePointHandler) -> Refusal | None: ...
     def cp_connected(self, conn: ChargePointHandler) -> None: ...
     def cp_text(self, conn: ChargePointHandler, text: str) -> None: ...
     def cp_closed(self, conn: ChargePointHandler) -> None: ...
@@ -74,14 +83,19 @@ class Hub(Protocol):
 class ChargePointHandler(tornado.websocket.WebSocketHandler):
     """One charge point's WebSocket."""
 
-    def initialize(self, hub: Hub, options: ServerOptions) -> None:
+    def initialize(self, hub: Hub, options: ServerOptions, listener: Listener) -> None:
         self.hub = hub
         self.options = options
+        self.listener = listener
         self.cid = ""
         self.version: str | None = None
         self.connected_at = 0.0
         self.peer = ""
+        self.auth_method = ""
         self._open = False
+        self._counted = False
+        self._tokens = float(options.max_message_rate)
+        self._tokens_at = 0.0
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -98,6 +112,28 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
         if not self.hub.accepting:
             # ocpp.upstream_down_policy = close_stations while the broker is away
             raise tornado.web.HTTPError(503, reason="Upstream link down")
+        refusal = self.hub.authenticate(self)
+        if refusal is not None:
+            log.warning("refused charge point %s from %s on %s: %s", cid, self.peer,
+                        self.listener.settings.key, refusal.why)
+            self.set_status(refusal.status, refusal.reason)
+            for name, value in refusal.headers:
+                self.set_header(name, value)
+            self.finish()  # prepare() finishing the request: get() never runs, no upgrade
+
+    @property
+    def authorization(self) -> str | None:
+        return self.request.headers.get("Authorization")
+
+    @property
+    def peer_cert(self) -> dict | None:
+        """The client certificate, verified against the listener's CA; None without one."""
+        if self.listener.settings.tls is None or not self.listener.settings.tls.verify:
+            return None
+        try:
+            return self.request.get_ssl_certificate() or None
+        except (ssl.SSLError, ValueError):
+            return None
 
     def check_origin(self, origin: str) -> bool:
         return True  # charge points are not browsers; Origin carries no meaning here
@@ -120,6 +156,8 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
     # -- connection ------------------------------------------------------------------------
 
     def open(self, *args: str) -> None:
+        self._counted = True
+        self.listener.upgraded += 1
         if self.version is None:
             offered = self.request.headers.get("Sec-WebSocket-Protocol", "")
             log.info("cp %s: no supported OCPP subprotocol offered (%r); closing",
@@ -131,17 +169,30 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
         self._open = True
         self.hub.cp_connected(self)
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Any:
         if not self._open:
-            return
+            return None
         if isinstance(message, bytes):
             log.warning("cp %s: binary frame received; closing (OCPP-J is text only)",
                         self.cid)
             self.close(CLOSE_UNSUPPORTED_DATA, "binary frames are not supported")
-            return
+            return None
         self.hub.cp_text(self, message)
+        rate = self.options.max_message_rate
+        if rate:
+            # Token bucket of one second's worth: a burst passes, a flood is paced. Tornado
+            # reads the next frame only once the returned awaitable is done.
+            now = time.monotonic()
+            self._tokens = min(float(rate), self._tokens + (now - self._tokens_at) * rate) - 1
+            self._tokens_at = now
+            if self._tokens < 0:
+                return asyncio.sleep(-self._tokens / rate)
+        return None
 
     def on_close(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.listener.upgraded -= 1
         if self._open:
             self._open = False
             self.hub.cp_closed(self)
@@ -168,7 +219,71 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
         self.close(code, reason)
 
 
-def make_application(hub: Hub, path: str, options: ServerOptions) -> tornado.web.Application:
+class Listener:
+    """One listening address and its limits; ``server`` serves it."""
+
+    def __init__(self, settings: ListenerSettings, ssl_ctx: ssl.SSLContext | None) -> None:
+        self.settings = settings
+        self.ssl_ctx = ssl_ctx
+        self.upgraded = 0  # WebSocket connections of this listener open now
+        self.server: LimitedHTTPServer | None = None
+        self.port = 0
+        self.refused = {"max_connections": 0, "max_conn_rate": 0}
+        self._tokens = float(settings.max_conn_rate)
+        self._tokens_at = time.monotonic()
+        self._last_warning = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"{self.settings.kind}://{self.settings.listen.host}:{self.port}"
+
+    def admit(self, handshaking: int) -> str | None:
+        """Why a newly accepted connection must be dropped, or None to serve it."""
+        if self.upgraded + handshaking >= self.settings.max_connections:
+            return "max_connections"
+        rate = self.settings.max_conn_rate
+        if rate:
+            now = time.monotonic()
+            self._tokens = min(float(rate), self._tokens + (now - self._tokens_at) * rate)
+            self._tokens_at = now
+            if self._tokens < 1:
+                return "max_conn_rate"
+            self._tokens -= 1
+        return None
+
+    def refuse(self, why: str, address: Any) -> None:
+        self.refused[why] += 1
+        now = time.monotonic()
+        if now - self._last_warning >= 10:  # one line per 10 s, not one per connection
+            self._last_warning = now
+            value = getattr(self.settings, why)
+            log.warning("%s: refusing connections (from %s and maybe others): %s = %d "
+                        "reached; %d refused so far", self.settings.key,
+                        address[0] if address else "?", why, value,
+                        sum(self.refused.values()))
+
+
+class LimitedHTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server with the listener's connection limits applied at accept."""
+
+    def initialize(self, *args: Any, listener: Listener, **kwargs: Any) -> None:
+        super().initialize(*args, **kwargs)
+        self.listener = listener
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: Any) -> None:
+        # Connections still in their HTTP phase (Tornado's own bookkeeping) plus the
+        # upgraded ones of this listener.
+        handshaking = len(getattr(self, "_connections", ()))
+        why = self.listener.admit(handshaking)
+        if why is not None:
+            self.listener.refuse(why, address)
+            stream.close()
+            return
+        super().handle_stream(stream, address)
+
+
+def make_application(hub: Hub, path: str, options: ServerOptions,
+                     listener: Listener) -> tornado.web.Application:
     pattern = re.escape(path) + r"(?:/([^/]*))?"
     ping: dict[str, float] = {}
     if options.ping_interval > 0:
@@ -183,4 +298,5 @@ def make_application(hub: Hub, path: str, options: ServerOptions) -> tornado.web
         ping = {"websocket_ping_interval": options.ping_interval,
                 "websocket_ping_timeout": timeout}
     return tornado.web.Application(
-        [(pattern, ChargePointHandler, {"hub": hub, "options": options})], **ping)
+        [(pattern, ChargePointHandler, {"hub": hub, "options": options, "listener": listener})],
+        **ping)

@@ -17,16 +17,20 @@ import asyncio
 import json
 import logging
 
-import tornado.httpserver
 from tornado.netutil import bind_sockets
 
-from ocpp_edge.config import Settings
+from ocpp_edge import credentials as _credentials
+from ocpp_edge import tls
+from ocpp_edge.auth import Accepted, Authenticator, Refusal
+from ocpp_edge.config import AuthSettings, Settings
 from ocpp_edge.cp_server import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
     CLOSE_TRY_AGAIN_LATER,
     ChargePointHandler,
+    LimitedHTTPServer,
+    Listener,
     ServerOptions,
     make_application,
 )
@@ -55,6 +59,23 @@ TRANSACTION_ACTIONS = frozenset({"StartTransaction", "StopTransaction", "MeterVa
                                  "TransactionEvent"})
 
 
+def load_credentials(auth: AuthSettings) -> _credentials.PasswordFile:
+    """The charge point password file; raises CredentialsError when it is malformed.
+    A missing file is no error: no password has been set yet."""
+    if auth.password_file is None:
+        return _credentials.PasswordFile()
+    try:
+        found = _credentials.PasswordFile.load(auth.password_file)
+    except FileNotFoundError:
+        log.warning("%s does not exist: no charge point can log in with a password (add "
+                    "one with: ocpp-edge passwd <id>)", auth.password_file)
+        return _credentials.PasswordFile()
+    for warning in found.warnings:
+        log.warning("%s", warning)
+    log.info("%d charge point password(s) in %s", len(found), auth.password_file)
+    return found
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -76,7 +97,9 @@ class Gateway:
             reconnect_delay_max=m.reconnect_delay_max, max_inflight=m.max_inflight,
             buffer=self.buffer, subscriptions=[(self.router.dnstream_filter, 1)],
             on_message=self.on_downstream, on_state=self._upstream_state,
-            replay_rate=b.replay_rate)
+            replay_rate=b.replay_rate,
+            ssl_context=tls.client_context(m.cacertfile, m.certfile, m.keyfile,
+                                           m.verify_hostname) if m.tls else None)
         # OCPP 2.0.1 Part 4 §6.3 (Local Controller): with close_stations, charge points are
         # only served while the upstream link is up.
         self.close_stations = o.upstream_down_policy == "close_stations"
@@ -85,7 +108,14 @@ class Gateway:
             subprotocols=o.subprotocols, default_subprotocol=o.default_subprotocol,
             fail_if_no_subprotocol=o.fail_if_no_subprotocol, max_frame_size=o.max_frame_size,
             handshake_timeout=o.handshake_timeout, ping_interval=o.ping_interval,
-            ping_timeout=o.ping_timeout)
+            ping_timeout=o.ping_timeout, max_message_rate=o.max_message_rate)
+        a = settings.auth
+        self.authenticator = Authenticator(
+            load_credentials(a), known_ids_only=a.known_ids_only,
+            max_failures=a.max_failures, failure_window=a.failure_window)
+        # TLS contexts are built now: a certificate that cannot be used stops the start.
+        self.listeners = [Listener(ls, tls.server_context(ls.tls) if ls.tls else None)
+                          for ls in o.listeners]
         checking = o.message_format_checking
         self.validator: Validator | None = None
         if checking != "disable":
@@ -111,7 +141,6 @@ class Gateway:
         # is found when the timer fires, so only an earlier one re-arms (no per-message
         # timer churn, nothing scans all sessions).
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
-        self._servers: list[tornado.httpserver.HTTPServer] = []
         self.ports: list[int] = []  # bound ports, in listener order (port 0 → real port)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -123,18 +152,24 @@ class Gateway:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        listen = self.settings.ocpp.listener_ws
-        if listen is not None:
-            app = make_application(self, self.settings.ocpp.path, self.options)
-            server = tornado.httpserver.HTTPServer(
-                app, xheaders=False, idle_connection_timeout=self.options.handshake_timeout,
+        path = self.settings.ocpp.path
+        for listener in self.listeners:
+            listen = listener.settings.listen
+            # idle_connection_timeout is Tornado's header timeout: the TLS handshake and
+            # the request head must both arrive within ocpp.handshake_timeout (slow-loris).
+            server = LimitedHTTPServer(
+                make_application(self, path, self.options, listener), listener=listener,
+                ssl_options=listener.ssl_ctx, xheaders=False,
+                idle_connection_timeout=self.options.handshake_timeout,
                 body_timeout=self.options.handshake_timeout)
             sockets = bind_sockets(listen.port, address=listen.host or None)
             server.add_sockets(sockets)
-            self._servers.append(server)
-            self.ports.append(sockets[0].getsockname()[1])
-            log.info("listening for charge points on ws://%s:%d%s/<id>", listen.host,
-                     self.ports[-1], self.settings.ocpp.path)
+            listener.server = server
+            listener.port = sockets[0].getsockname()[1]
+            self.ports.append(listener.port)
+            log.info("listening for charge points on %s%s/<id> (%s, security profile %d%s)",
+                     listener.url, path, listener.settings.key, listener.settings.profile,
+                     ", anonymous allowed" if listener.settings.allow_anonymous else "")
         self.uplink.start()
         if self.validator is not None:
             self._loop.call_soon(self._warm_up)
@@ -145,8 +180,9 @@ class Gateway:
             self._loop.call_soon(self._warm_up)  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        for server in self._servers:
-            server.stop()  # no new connections
+        for listener in self.listeners:
+            if listener.server is not None:
+                listener.server.stop()  # no new connections
         for cid, conn in list(self.connections.items()):
             conn.close_and_forget(CLOSE_GOING_AWAY, "gateway shutting down")
             self._end_session(cid, "gateway shutting down")
@@ -157,6 +193,18 @@ class Gateway:
         await asyncio.sleep(0)  # let the close frames go out
 
     # -- charge points (Hub) ---------------------------------------------------------------
+
+    def authenticate(self, conn: ChargePointHandler) -> Refusal | None:
+        tls_settings = conn.listener.settings.tls
+        decision = self.authenticator.decide(
+            cid=conn.cid, address=conn.peer, now=self.now(),
+            authorization=conn.authorization, peer_cert=conn.peer_cert,
+            peer_cert_id=tls_settings.peer_cert_id if tls_settings else "cn",
+            allow_anonymous=conn.listener.settings.allow_anonymous)
+        if isinstance(decision, Accepted):
+            conn.auth_method = decision.method
+            return None
+        return decision
 
     def cp_connected(self, conn: ChargePointHandler) -> None:
         old = self.connections.get(conn.cid)
@@ -170,7 +218,8 @@ class Gateway:
         self.connections[conn.cid] = conn
         self.sessions[conn.cid] = Session(conn.cid, conn.version or "", self.now(), self.policy)
         self._arm(conn.cid)
-        log.info("cp %s: connected from %s using %s", conn.cid, conn.peer, conn.version)
+        log.info("cp %s: connected from %s using %s (%s, %s)", conn.cid, conn.peer,
+                 conn.version, conn.listener.settings.key, conn.auth_method)
 
     def cp_text(self, conn: ChargePointHandler, text: str) -> None:
         session = self.sessions.get(conn.cid)

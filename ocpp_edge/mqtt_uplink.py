@@ -11,6 +11,12 @@ unreachable broker, which would freeze every charge point on the site. A fresh p
 client is made for every connection, so nothing paho queued on a dead connection is ever
 re-sent behind our back: the buffer alone decides what is (re)published.
 
+With ``mqtts://`` the TLS handshake is done here too, on the loop, before paho sees the
+socket (paho's own ``tls_set`` path does a blocking handshake). paho then reads and writes
+through the wrapped socket and turns ``SSLWantRead``/``SSLWantWrite`` into "try later";
+what paho cannot see is plaintext TLS already decrypted and buffered while the file
+descriptor is quiet, so the read callback drains ``pending()`` itself.
+
 Upstream flow: ``kick()`` after the buffer grew → up to ``max_inflight`` records published
 at ``qos`` → each PUBACK/PUBCOMP acks its record in the buffer → more are taken. On a lost
 connection, every record in flight is rewound and published again after reconnecting
@@ -25,6 +31,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import subprocess
 from collections.abc import Callable
 
@@ -61,8 +68,9 @@ class MqttUplink:
                  buffer: UpstreamBuffer, subscriptions: list[tuple[str, int]],
                  on_message: Callable[[str, bytes], None],
                  on_state: Callable[[bool], None] | None = None,
-                 replay_rate: int = 0) -> None:
+                 replay_rate: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self.client_id = client_id
         self.username, self.password = username, password
         self.qos = qos
@@ -168,6 +176,17 @@ class MqttUplink:
             self._schedule_retry(f"cannot reach {self.host}:{self.port}: "
                                  f"{exc or type(exc).__name__}")
             return
+        if self.ssl_context is not None and not self._stopping:
+            try:
+                sock = await self._tls_handshake(sock)
+            except (TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+                sock.close()
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    log.error("MQTT: the broker's certificate is not trusted: %s "
+                              "(mqtt.cacertfile, mqtt.verify_hostname)", exc.verify_message)
+                self._schedule_retry(f"TLS handshake with {self.host}:{self.port} failed: "
+                                     f"{exc or type(exc).__name__}")
+                return
         if self._stopping:
             sock.close()
             return
@@ -199,6 +218,35 @@ class MqttUplink:
             return
         self._connack_handle = asyncio.get_running_loop().call_later(
             CONNECT_TIMEOUT, self._connack_timeout)
+
+    async def _tls_handshake(self, sock: socket.socket) -> ssl.SSLSocket:
+        """Wrap the connected socket and run the handshake without blocking the loop."""
+        assert self.ssl_context is not None
+        ssock = self.ssl_context.wrap_socket(sock, server_hostname=self.host,
+                                             do_handshake_on_connect=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECT_TIMEOUT
+        while True:
+            try:
+                ssock.do_handshake()
+                return ssock
+            except ssl.SSLWantReadError:
+                add, remove = loop.add_reader, loop.remove_reader
+            except ssl.SSLWantWriteError:
+                add, remove = loop.add_writer, loop.remove_writer
+            ready: asyncio.Future[None] = loop.create_future()
+            add(ssock, _resolve, ready)
+            try:
+                await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+            finally:
+                remove(ssock)
+
+    def _read(self, client: mqtt.Client, sock: socket.socket) -> None:
+        client.loop_read()
+        # Records TLS has decrypted but paho has not read yet: the fd will not signal them.
+        while isinstance(sock, ssl.SSLSocket) and self._client is client \
+                and client.socket() is sock and sock.pending():
+            client.loop_read()
 
     def _connack_timeout(self) -> None:
         self._connack_handle = None
@@ -303,7 +351,7 @@ class MqttUplink:
 
     def _on_socket_open(self, client, userdata, sock) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_reader(sock, self._safe, client.loop_read)
+        loop.add_reader(sock, self._safe, lambda: self._read(client, sock))
         self._misc = PeriodicCallback(lambda: self._safe(client.loop_misc), 1000)
         self._misc.start()
 
@@ -370,6 +418,11 @@ class MqttUplink:
                 self.kick()
             self._rate_handle = loop.call_later(1.0 / self.replay_rate, again)
         return allowed
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def resolve(host: str, timeout: float = CONNECT_TIMEOUT) -> list[tuple[int, str]]:

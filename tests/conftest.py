@@ -181,6 +181,9 @@ class GatewayProcess:
             "mqtt.reconnect_delay_max": "500ms",
             "log.level": "debug",
             "buffer.dir": str(workdir / f"buffer-{self.port}"),
+            # Most tests are about OCPP, not authentication (tests/test_security.py is).
+            "auth.allow_anonymous": "true",
+            "auth.password_file": "",
         }
         for line in extra.splitlines():  # a test's own settings win
             key, sep, value = line.partition("=")

@@ -17,8 +17,16 @@ SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "ocpp-edge.conf"
 
 # Every key of the file, as the product documents it (anything else is an error).
 KEYS = [
-    "ocpp.listener.ws", "ocpp.path", "ocpp.subprotocols", "ocpp.default_subprotocol",
-    "ocpp.fail_if_no_subprotocol", "ocpp.max_frame_size", "ocpp.handshake_timeout",
+    "ocpp.listener.ws", "ocpp.listener.ws.max_connections", "ocpp.listener.ws.max_conn_rate",
+    "ocpp.listener.ws.allow_anonymous", "ocpp.listener.wss", "ocpp.listener.wss.certfile",
+    "ocpp.listener.wss.keyfile", "ocpp.listener.wss.cacertfile", "ocpp.listener.wss.verify",
+    "ocpp.listener.wss.fail_if_no_peer_cert", "ocpp.listener.wss.peer_cert_id",
+    "ocpp.listener.wss.tls_versions", "ocpp.listener.wss.ciphers",
+    "ocpp.listener.wss.max_connections", "ocpp.listener.wss.max_conn_rate",
+    "ocpp.listener.wss.allow_anonymous",
+    "ocpp.path", "ocpp.subprotocols", "ocpp.default_subprotocol",
+    "ocpp.fail_if_no_subprotocol", "ocpp.max_frame_size", "ocpp.max_message_rate",
+    "ocpp.handshake_timeout",
     "ocpp.ping_interval", "ocpp.ping_timeout", "ocpp.default_heartbeat_interval",
     "ocpp.heartbeat_checking_times_backoff", "ocpp.mountpoint",
     "ocpp.upstream.topic", "ocpp.upstream.reply_topic", "ocpp.upstream.error_topic",
@@ -27,9 +35,12 @@ KEYS = [
     "ocpp.dnstream.awaiting_timeout", "ocpp.dnstream.retry_interval",
     "ocpp.dnstream.max_retries", "ocpp.message_format_checking", "ocpp.json_schema_dir",
     "ocpp.json_schema_id_prefix", "mqtt.server", "mqtt.client_id", "mqtt.username",
-    "mqtt.password", "mqtt.qos", "mqtt.clean_session", "mqtt.keepalive",
+    "mqtt.password", "mqtt.password_file", "mqtt.cacertfile", "mqtt.certfile",
+    "mqtt.keyfile", "mqtt.verify_hostname", "mqtt.qos", "mqtt.clean_session", "mqtt.keepalive",
     "mqtt.reconnect_delay_min", "mqtt.reconnect_delay_max", "mqtt.max_inflight",
-    "ocpp.upstream_down_policy", "buffer.dir", "buffer.max_messages", "buffer.max_bytes",
+    "auth.password_file", "auth.allow_anonymous", "auth.known_ids_only",
+    "auth.max_failures", "auth.failure_window", "ocpp.upstream_down_policy", "buffer.dir",
+    "buffer.max_messages", "buffer.max_bytes",
     "buffer.overflow", "buffer.fsync_interval", "buffer.replay_rate", "log.level",
 ]
 
@@ -57,7 +68,10 @@ def test_empty_file_gives_the_shipped_file():
 def test_defaults():
     s = config.defaults()
     assert s.ocpp == config.OcppSettings(
-        listener_ws=Listen("0.0.0.0", 33033), path="/ocpp",
+        listeners=(config.ListenerSettings(
+            key="ocpp.listener.ws", kind="ws", listen=Listen("0.0.0.0", 33033),
+            max_connections=1024, max_conn_rate=100, allow_anonymous=False, tls=None),),
+        path="/ocpp", max_message_rate=100,
         subprotocols=("ocpp1.6", "ocpp2.0.1", "ocpp2.1"), default_subprotocol="ocpp1.6",
         fail_if_no_subprotocol=False, max_frame_size=256 * 1024, mountpoint="ocpp/",
         upstream_topic="cp/${cid}", upstream_topic_overrides={},
@@ -72,11 +86,15 @@ def test_defaults():
         upstream_down_policy="buffer")
     assert s.mqtt == config.MqttSettings(
         host="127.0.0.1", port=1883, client_id=f"ocpp-edge-{socket.gethostname()}",
-        username=None, password=None, qos=1, clean_session=True, keepalive=60.0,
+        username=None, password=None, tls=False, cacertfile=None, certfile=None,
+        keyfile=None, verify_hostname=True, qos=1, clean_session=True, keepalive=60.0,
         reconnect_delay_min=1.0, reconnect_delay_max=60.0, max_inflight=200)
     assert s.buffer == config.BufferSettings(
         dir="/var/lib/ocpp-edge", max_messages=1_000_000, max_bytes=256 * 1024 * 1024,
         overflow="drop_oldest", fsync_interval=pytest.approx(0.1), replay_rate=0)
+    assert s.auth == config.AuthSettings(
+        password_file="/etc/ocpp-edge/passwords", allow_anonymous=False,
+        known_ids_only=False, max_failures=10, failure_window=60.0)
     assert s.log == config.LogSettings("info")
     assert s.source == "<string>"
 
@@ -138,7 +156,8 @@ def test_sizes(text, size):
     ("0.0.0.0:65535", Listen("0.0.0.0", 65535)),
 ])
 def test_listen(text, listen):
-    assert one("ocpp.listener.ws", text).ocpp.listener_ws == listen
+    listeners = one("ocpp.listener.ws", text).ocpp.listeners
+    assert [ls.listen for ls in listeners] == ([listen] if listen else [])
 
 
 @pytest.mark.parametrize("text, value", [
@@ -265,13 +284,15 @@ def test_line_is_where_the_key_is_written():
     ("ocpp.mountpoint", "ocpp/${cid}/", "cannot contain placeholders"),
     ("ocpp.upstream.topic", "", "a topic template cannot be empty"),
     ("ocpp.upstream.topic", "cp/+/${cid}", "a topic template cannot contain '+'"),
-    ("mqtt.server", "mqtts://broker:8883", "TLS to the broker is not supported yet; use mqtt://host:port"),
     ("mqtt.server", "tcp://broker:1883",
-     "must look like mqtt://host:port (the port defaults to 1883), got 'tcp://broker:1883'"),
+     "must look like mqtt://host:port (the port defaults to 1883) or "
+     "mqtts://host:port (TLS, port 8883), got 'tcp://broker:1883'"),
     ("mqtt.server", "mqtt://broker:99999",
-     "must look like mqtt://host:port (the port defaults to 1883), got 'mqtt://broker:99999'"),
+     "must look like mqtt://host:port (the port defaults to 1883) or "
+     "mqtts://host:port (TLS, port 8883), got 'mqtt://broker:99999'"),
     ("mqtt.server", "mqtt://broker/topic",
-     "must look like mqtt://host:port (the port defaults to 1883), got 'mqtt://broker/topic'"),
+     "must look like mqtt://host:port (the port defaults to 1883) or "
+     "mqtts://host:port (TLS, port 8883), got 'mqtt://broker/topic'"),
     ("mqtt.client_id", "gw-${host}", "unknown placeholder ${host} (known: ${hostname})"),
     ("mqtt.client_id", "x" * 129,
      "must be 1 to 128 characters once ${hostname} is replaced, got 129"),

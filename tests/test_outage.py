@@ -44,7 +44,9 @@ def collect(broker: Broker, topic: str, count: int, timeout: float = 30) -> list
 
 def test_kill_9_loses_nothing_committed(make_gateway, tmp_path):
     broker = Broker(tmp_path)  # down for now: everything accumulates on disk
-    gw = make_gateway(broker.port, SLOW_RETRY + "buffer.fsync_interval = 50ms\n")
+    gw = make_gateway(broker.port, SLOW_RETRY + "buffer.fsync_interval = 50ms\n"
+                      # a frame every 2 ms: read at once, not paced by the rate limit
+                      "ocpp.max_message_rate = 0\n")
     sent_at: list[float] = []
 
     async def stream():
