@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] in ("passwd", "cert"):
+        from ocpp_edge import tools  # password file and certificate commands
+
+        return tools.main(argv)
+    if argv and argv[0] == "ctl":
+        from ocpp_edge import ctl  # ask a running gateway through its admin endpoint
+
+        return ctl.main(argv[1:])
     args = _parser().parse_args(argv)
     from ocpp_edge import config  # imported here so --version/--help stay instant
 
@@ -58,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(settings) -> int:
+    from ocpp_edge.errors import OcppEdgeError
     from ocpp_edge.gateway import Gateway
     from ocpp_edge.validation import SchemaError
 
     try:
         gateway = Gateway(settings)
         await gateway.start()
-    except (OSError, SchemaError) as exc:
+    except (OSError, SchemaError, OcppEdgeError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     log.info("ocpp-edge %s running (config %s)", __version__, settings.source)

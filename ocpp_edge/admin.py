@@ -1,0 +1,359 @@
+"""The local admin endpoint: status, charge point listing and kick, metrics, health.
+
+Served by the gateway's own IOLoop on ``admin.listen`` (``127.0.0.1:33080`` by default,
+``off`` disables it). Glue only: every answer comes from an :class:`AdminView` the gateway
+provides, so this module knows HTTP and nothing about sessions or sockets.
+
+======================================  ================================================
+``GET /api/v1/status``                  version, uptime, upstream link, buffer, config
+``GET /api/v1/clients``                 ``{"data": [client, ...], "meta": {"count": n}}``
+``GET /api/v1/clients/<cid>``           one client, or 404 ``CLIENTID_NOT_FOUND``
+``DELETE /api/v1/clients/<cid>``        kick: the connection is closed with 1000; 204
+``GET /metrics``                        Prometheus text exposition format 0.0.4
+``GET /healthz``                        ``ok`` (200) or the reason (503), plain text
+======================================  ================================================
+
+``<cid>`` is percent-decoded, so ids holding ``:``, ``%``, spaces or non-ASCII letters
+are written percent-encoded in the URL (``urllib.parse.quote(cid, safe="")``).
+
+JSON is ``application/json`` (UTF-8). Errors are ``{"code": "...", "message": "..."}``
+with the HTTP status: 400 ``BAD_REQUEST``, 401 ``UNAUTHORIZED``, 403 ``FORBIDDEN``, 404
+``NOT_FOUND`` / ``CLIENTID_NOT_FOUND``, 405 ``METHOD_NOT_ALLOWED`` (with ``Allow``), 500
+``INTERNAL_ERROR``.
+
+Kicking follows EMQX 5's ``DELETE /api/v5/clients/{clientid}``: 204 without a body when
+the client was connected, 404 ``{"code": "CLIENTID_NOT_FOUND", "message": "Client ID not
+found"}`` when it was not. Deliberate differences from EMQX:
+
+* EMQX 4.x answered a kick with HTTP 200 and ``{"code": 0}`` (``{"code": 112}`` when not
+  found); ocpp-edge uses the HTTP status, as EMQX 5 does.
+* The prefix is ``/api/v1``: the resources are ocpp-edge's own (OCPP fields, no nodes,
+  no pagination — a site gateway serves hundreds of charge points, not millions), so
+  borrowing EMQX's version number would promise a compatibility that is not there.
+* Authentication is one bearer token from a file (no API keys, no dashboard users), and
+  none on loopback.
+
+Access control. Without a token (allowed only on a loopback address; the configuration
+check refuses a non-loopback ``admin.listen`` without ``admin.token_file``) every local
+user may read the status and kick charge points — as with EMQX's ``emqx ctl`` for root.
+A web page in a browser on the same host could still reach a loopback port by DNS
+rebinding, so tokenless requests must name the host by IP address or ``localhost`` in
+``Host`` (403 otherwise). With a token, every endpoint but ``/healthz`` requires
+``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate: Bearer`` otherwise);
+``/healthz`` stays open so that probes need no secret, and tells nothing but ok / why not.
+The token travels in clear over plain HTTP: on an untrusted network, reach the endpoint
+through an SSH tunnel or a VPN.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import stat
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import tornado.httpserver
+import tornado.web
+from tornado.netutil import bind_sockets
+
+from ocpp_edge.errors import ConfigError
+from ocpp_edge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+log = logging.getLogger("ocpp_edge.admin")
+
+API = "/api/v1"
+MIN_TOKEN_LENGTH = 16
+
+
+class AdminView(Protocol):
+    """What the admin endpoint asks the gateway. Called on the IOLoop; must not block.
+
+    The dicts are sent as JSON as they are: plain str / int / float / bool / None /
+    list / dict values, timestamps as RFC 3339 strings (see :func:`rfc3339`). The fields
+    ``ocpp-edge ctl`` shows are listed in ``ocpp_edge/ctl.py``; more may be added.
+    """
+
+    def status(self) -> dict[str, Any]: ...
+
+    def clients(self) -> list[dict[str, Any]]: ...
+
+    def client(self, cid: str) -> dict[str, Any] | None:
+        """One connected charge point, or None if ``cid`` is not connected."""
+        ...
+
+    def kick(self, cid: str) -> bool:
+        """Close ``cid``'s connection with 1000; False if it is not connected."""
+        ...
+
+    def metrics_text(self) -> str: ...
+
+    def healthy(self) -> tuple[bool, str]:
+        """(True, "ok") or (False, why): listeners up, IOLoop responsive, ..."""
+        ...
+
+
+def rfc3339(unix_time: float | None) -> str | None:
+    """``2024-05-01T10:00:00.123Z`` (UTC, milliseconds) for a ``time.time()`` value."""
+    if unix_time is None:
+        return None
+    dt = datetime.fromtimestamp(unix_time, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: ``127.0.0.0/8``, ``::1``,
+    ``localhost``. An empty host, a wildcard (``0.0.0.0``, ``::``) or any other name is
+    not loopback: a name could resolve anywhere."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_token(path: str) -> str:
+    """The bearer token in ``path`` (``admin.token_file``), surrounding whitespace removed.
+
+    Refused with a :class:`ConfigError` saying how to fix it: a missing, unreadable or
+    empty file; a file every user may read (the token lets its holder disconnect charge
+    points); a token with spaces or control characters (it must fit in an HTTP header);
+    a token shorter than 16 characters (guessable).
+    """
+    key = "admin.token_file"
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"the admin token file {path} is not a regular file", key=key)
+            raw = f.read(4096)
+    except FileNotFoundError:
+        raise ConfigError(f"the admin token file {path} does not exist", key=key) from None
+    except PermissionError:
+        raise ConfigError(f"cannot read the admin token file {path}: permission denied",
+                          key=key) from None
+    except IsADirectoryError:
+        raise ConfigError(f"the admin token file {path} is a directory", key=key) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the admin token file {path}: {exc.strerror}",
+                          key=key) from None
+    if st.st_mode & stat.S_IROTH:
+        raise ConfigError(
+            f"the admin token file {path} is readable by every user "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); make it private: chmod 600 {path}",
+            key=key)
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = None
+    if token is None or any(not ("!" <= c <= "~") for c in token):
+        raise ConfigError(f"the admin token in {path} must be one word of printable ASCII "
+                          "characters (no spaces)", key=key)
+    if not token:
+        raise ConfigError(f"the admin token file {path} is empty", key=key)
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"the admin token in {path} is shorter than {MIN_TOKEN_LENGTH} characters; "
+            f"make a random one: head -c 32 /dev/urandom | base64 > {path}", key=key)
+    return token
+
+
+# -- handlers ----------------------------------------------------------------------------
+
+
+class ApiError(tornado.web.HTTPError):
+    """An error answered as ``{"code": ..., "message": ...}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, reason=None)
+        self.code = code
+        self.message = message
+
+
+_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+          405: "METHOD_NOT_ALLOWED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE"}
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=str).encode()
+
+
+def _ip_or_localhost(host_header: str) -> bool:
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _Handler(tornado.web.RequestHandler):
+    public = False  # True: no token needed (/healthz)
+
+    def initialize(self, view: AdminView, token: bytes | None) -> None:
+        self.view = view
+        self.token = token
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def prepare(self) -> None:
+        if self.public:
+            return
+        if self.token is None:
+            if not _ip_or_localhost(self.request.host):
+                raise ApiError(403, "FORBIDDEN", "address the gateway by IP address or "
+                               "localhost (requests by host name need admin.token_file)")
+            return
+        header = self.request.headers.get("Authorization", "")
+        if not header:
+            raise ApiError(401, "UNAUTHORIZED", "this endpoint needs the admin token: "
+                           "send 'Authorization: Bearer <token>'")
+        scheme, _, credentials = header.partition(" ")
+        given = credentials.strip().encode("latin-1", "replace")
+        # Constant time: the comparison must not tell how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.token):
+            raise ApiError(401, "UNAUTHORIZED", "wrong admin token")
+
+    def send_json(self, obj: object, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(_json(obj))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ApiError):
+            code, message = exc.code, exc.message
+        else:
+            code = _CODES.get(status_code, "ERROR")
+            message = self._reason
+            if status_code == 405:
+                message = f"{self.request.method} is not allowed on {self.request.path}"
+            elif status_code == 404:
+                message = f"no such resource: {self.request.path}"
+            elif status_code == 500:
+                message = "internal error; see the gateway's log"
+        if status_code == 401:
+            challenge = 'Bearer realm="ocpp-edge"'
+            if self.request.headers.get("Authorization"):
+                challenge += ', error="invalid_token"'  # RFC 6750 §3.1
+            self.set_header("WWW-Authenticate", challenge)
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
+        self.set_header("Content-Type", "application/json")
+        self.finish(_json({"code": code, "message": message}))
+
+    def allowed_methods(self) -> list[str]:
+        base = tornado.web.RequestHandler
+        return [m for m in ("GET", "DELETE", "POST", "PUT", "PATCH")
+                if getattr(type(self), m.lower()) is not getattr(base, m.lower())]
+
+
+class _StatusHandler(_Handler):
+    def get(self) -> None:
+        self.send_json(self.view.status())
+
+
+class _ClientsHandler(_Handler):
+    def get(self) -> None:
+        clients = self.view.clients()
+        self.send_json({"data": clients, "meta": {"count": len(clients)}})
+
+
+_CLIENT_NOT_FOUND = ("CLIENTID_NOT_FOUND", "Client ID not found")  # EMQX 5's words
+
+
+class _ClientHandler(_Handler):
+    def get(self, cid: str) -> None:
+        info = self.view.client(cid)
+        if info is None:
+            raise ApiError(404, *_CLIENT_NOT_FOUND)
+        self.send_json(info)
+
+    def delete(self, cid: str) -> None:
+        if not self.view.kick(cid):
+            raise ApiError(404, *_CLIENT_NOT_FOUND)
+        log.info("cp %s: kicked through the admin endpoint (from %s)", cid,
+                 self.request.remote_ip)
+        self.set_status(204)
+        self.finish()
+
+
+class _MetricsHandler(_Handler):
+    def get(self) -> None:
+        text = self.view.metrics_text()
+        self.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.finish(text.encode("utf-8"))
+
+
+class _HealthHandler(_Handler):
+    """Plain text so that a probe is ``curl -fsS http://127.0.0.1:33080/healthz``."""
+
+    public = True
+
+    def get(self) -> None:
+        ok, reason = self.view.healthy()
+        self.set_status(200 if ok else 503)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(("ok" if ok else (reason or "unhealthy")) + "\n")
+
+
+class _NotFoundHandler(_Handler):
+    def prepare(self) -> None:
+        super().prepare()  # without the token, unknown and known paths look the same
+        raise tornado.web.HTTPError(404)
+
+    def allowed_methods(self) -> list[str]:
+        return []
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    # Scrapes every few seconds must not flood the journal: successes at debug level.
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO if status < 500 else logging.WARNING
+    if log.isEnabledFor(level):
+        log.log(level, "admin: %d %s %s (%s) %.1f ms", status, handler.request.method,
+                handler.request.path, handler.request.remote_ip,
+                1000.0 * handler.request.request_time())
+
+
+def make_admin_app(view: AdminView, token: str | None) -> tornado.web.Application:
+    """The admin endpoint's routes; ``token`` None means loopback without a token."""
+    args = {"view": view, "token": token.encode() if token is not None else None}
+    cid = r"/([^/]+)"  # one path segment, percent-decoded by Tornado
+    return tornado.web.Application(
+        [
+            (API + "/status", _StatusHandler, args),
+            (API + "/clients", _ClientsHandler, args),
+            (API + "/clients" + cid, _ClientHandler, args),
+            ("/metrics", _MetricsHandler, args),
+            ("/healthz", _HealthHandler, args),
+        ],
+        default_handler_class=_NotFoundHandler, default_handler_args=args,
+        log_function=_log_request)
+
+
+def start_admin_server(view: AdminView, host: str, port: int, token: str | None,
+                       ) -> tuple[tornado.httpserver.HTTPServer, int]:
+    """Listen on ``host:port`` (port 0: any free port) in the running IOLoop; returns the
+    server (``stop()`` it on shutdown) and the bound port. Raises OSError (port taken)."""
+    server = tornado.httpserver.HTTPServer(
+        make_admin_app(view, token), xheaders=False, idle_connection_timeout=60.0,
+        body_timeout=10.0, max_body_size=64 * 1024, max_header_size=16 * 1024)
+    sockets = bind_sockets(port, address=host or None)
+    server.add_sockets(sockets)
+    return server, sockets[0].getsockname()[1]
