@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from ocpp_edge import __version__
@@ -70,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 async def _run(settings) -> int:
     from ocpp_edge.errors import OcppEdgeError
     from ocpp_edge.gateway import Gateway
+    from ocpp_edge.notify import Notifier
+    from ocpp_edge.service import Service
     from ocpp_edge.validation import SchemaError
 
+    # First, before any child process (DNS look-ups) could inherit NOTIFY_SOCKET.
+    notifier = Notifier()
     try:
         gateway = Gateway(settings)
         await gateway.start()
@@ -79,15 +82,4 @@ async def _run(settings) -> int:
         log.error("cannot start: %s", exc)
         return 1
     log.info("ocpp-edge %s running (config %s)", __version__, settings.source)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
-        "SIGHUP: reloading the configuration is not supported yet; restart to apply changes"))
-    await stop.wait()
-    log.info("stopping")
-    await gateway.stop()
-    log.info("stopped")
-    return 0
+    return await Service(gateway, notifier, settings.source).run()

@@ -14,15 +14,17 @@ served while the broker is away, and upstream messages wait in the buffer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
 
 from tornado.netutil import bind_sockets
 
 from ocpp_edge import credentials as _credentials
 from ocpp_edge import tls
 from ocpp_edge.auth import Accepted, Authenticator, Refusal
-from ocpp_edge.config import AuthSettings, Settings
+from ocpp_edge.config import AuthSettings, OcppSettings, Settings
 from ocpp_edge.cp_server import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -104,11 +106,7 @@ class Gateway:
         # only served while the upstream link is up.
         self.close_stations = o.upstream_down_policy == "close_stations"
         self.accepting = not self.close_stations
-        self.options = ServerOptions(
-            subprotocols=o.subprotocols, default_subprotocol=o.default_subprotocol,
-            fail_if_no_subprotocol=o.fail_if_no_subprotocol, max_frame_size=o.max_frame_size,
-            handshake_timeout=o.handshake_timeout, ping_interval=o.ping_interval,
-            ping_timeout=o.ping_timeout, max_message_rate=o.max_message_rate)
+        self.options = self._server_options(o)
         a = settings.auth
         self.authenticator = Authenticator(
             load_credentials(a), known_ids_only=a.known_ids_only,
@@ -122,8 +120,29 @@ class Gateway:
             # Read every schema now: a broken schema directory stops the start, loudly.
             self.validator = Validator(o.json_schema_dir, o.subprotocols,
                                        o.json_schema_id_prefix)
+        self.policy = self._policy(o)
+        self.connections: dict[str, ChargePointHandler] = {}
+        self.sessions: dict[str, Session] = {}
+        # One timer per session, armed at its next deadline; a deadline that moves later
+        # is found when the timer fires, so only an earlier one re-arms (no per-message
+        # timer churn, nothing scans all sessions).
+        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        self.ports: list[int] = []  # bound ports, in listener order (port 0 → real port)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Told when a charge point comes or goes or the upstream link changes (STATUS=).
+        self.on_change: Callable[[], None] = lambda: None
+
+    def _server_options(self, o: OcppSettings) -> ServerOptions:
+        return ServerOptions(
+            subprotocols=o.subprotocols, default_subprotocol=o.default_subprotocol,
+            fail_if_no_subprotocol=o.fail_if_no_subprotocol, max_frame_size=o.max_frame_size,
+            handshake_timeout=o.handshake_timeout, ping_interval=o.ping_interval,
+            ping_timeout=o.ping_timeout, max_message_rate=o.max_message_rate)
+
+    def _policy(self, o: OcppSettings) -> Policy:
         check = self.validator.check if self.validator else None
-        self.policy = Policy(
+        checking = o.message_format_checking
+        return Policy(
             upstream_strict=o.upstream_strict_mode,
             upstream_timeout=o.upstream_awaiting_timeout,
             dnstream_strict=o.dnstream_strict_mode,
@@ -135,14 +154,6 @@ class Gateway:
             check_dnstream=check if checking in ("all", "dnstream_only") else None,
             heartbeat_interval=o.default_heartbeat_interval,
             heartbeat_backoff=o.heartbeat_checking_times_backoff)
-        self.connections: dict[str, ChargePointHandler] = {}
-        self.sessions: dict[str, Session] = {}
-        # One timer per session, armed at its next deadline; a deadline that moves later
-        # is found when the timer fires, so only an earlier one re-arms (no per-message
-        # timer churn, nothing scans all sessions).
-        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
-        self.ports: list[int] = []  # bound ports, in listener order (port 0 → real port)
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def now(self) -> float:
         assert self._loop is not None
@@ -192,6 +203,93 @@ class Gateway:
         self.buffer.close()  # the last group commit
         await asyncio.sleep(0)  # let the close frames go out
 
+    def status_text(self) -> str:
+        """One line for ``systemctl status`` (sd_notify STATUS=)."""
+        n, k = len(self.connections), len(self.buffer)
+        return (f"{n} charge point{'' if n == 1 else 's'}, upstream "
+                f"{'connected' if self.uplink.connected else 'disconnected'}, "
+                f"{k} message{'' if k == 1 else 's'} buffered")
+
+    # -- reload (SIGHUP) -------------------------------------------------------------------
+
+    def reload(self, new: Settings) -> list[str]:
+        """Apply a re-read configuration without dropping charge points.
+
+        Everything that can change live is prepared first (password file, TLS contexts),
+        so a file that cannot be applied raises (OcppEdgeError, OSError, ssl.SSLError)
+        and leaves the running configuration untouched. Applied live: log level, topics
+        (the downstream subscription is replaced at the broker), call discipline and
+        timeouts (for sessions too), frame/message limits and subprotocols (new
+        connections), each listener's limits, anonymity and certificates (new
+        handshakes), the credentials and auth settings. What needs a restart (the
+        broker connection, the buffer, the set of listening addresses, schema checking)
+        keeps its running value; the returned list names it, for the log.
+        """
+        old = self.settings
+        o, n = old.ocpp, new.ocpp
+        restart: list[str] = []
+        # Listening sockets stay bound: a changed set of addresses needs a restart.
+        same_listeners = [(ls.key, ls.kind, ls.listen) for ls in o.listeners] == \
+            [(ls.key, ls.kind, ls.listen) for ls in n.listeners]
+        if not same_listeners:
+            restart.append("ocpp.listener.* addresses")
+        fixed = {"message_format_checking": "ocpp.message_format_checking",
+                 "json_schema_dir": "ocpp.json_schema_dir",
+                 "json_schema_id_prefix": "ocpp.json_schema_id_prefix",
+                 "upstream_down_policy": "ocpp.upstream_down_policy"}
+        restart += [key for field, key in fixed.items()
+                    if getattr(o, field) != getattr(n, field)]
+        keep = {field: getattr(o, field) for field in fixed}
+        if not same_listeners:
+            keep["listeners"] = o.listeners
+        n = dataclasses.replace(n, **keep)
+        sections = {}
+        for section in dataclasses.fields(old):
+            if section.name in ("ocpp", "auth", "log", "source"):
+                continue
+            if getattr(old, section.name) != getattr(new, section.name):
+                restart.append(f"{section.name}.*")
+            sections[section.name] = getattr(old, section.name)
+        effective = dataclasses.replace(new, ocpp=n, **sections)
+
+        # Prepare: anything that can fail does so here, before a single change is made.
+        credentials = load_credentials(effective.auth)
+        contexts = [tls.server_context(ls.tls) if ls.tls else None for ls in n.listeners]
+        router = Router(
+            mountpoint=n.mountpoint, upstream_topic=n.upstream_topic,
+            upstream_topic_overrides=n.upstream_topic_overrides,
+            reply_topic=n.upstream_reply_topic, error_topic=n.upstream_error_topic,
+            dnstream_topic=n.dnstream_topic)
+
+        # Apply.
+        from ocpp_edge import log as logsetup  # the logging set-up the CLI made
+
+        logsetup.set_level(effective.log.level)
+        if router.dnstream_filter != self.router.dnstream_filter:
+            self.uplink.set_subscriptions([(router.dnstream_filter, 1)])
+        self.router = router
+        a = effective.auth
+        self.authenticator.credentials = credentials
+        self.authenticator.known_ids_only = a.known_ids_only
+        self.authenticator.limiter.max_failures = a.max_failures
+        self.authenticator.limiter.window = a.failure_window
+        self.policy = self._policy(n)
+        for session in self.sessions.values():
+            session.policy = self.policy
+        self.options = self._server_options(n)
+        for listener, ls, ctx in zip(self.listeners, n.listeners, contexts, strict=True):
+            listener.settings, listener.ssl_ctx = ls, ctx
+            if listener.server is not None:
+                listener.server.ssl_options = ctx  # Tornado wraps each new socket with it
+                listener.server.request_callback = make_application(
+                    self, n.path, self.options, listener)
+                params = listener.server.conn_params  # the slow-loris limit, as in start()
+                params.header_timeout = params.body_timeout = n.handshake_timeout
+        for conn in self.connections.values():
+            conn.options = self.options
+        self.settings = effective
+        return restart
+
     # -- charge points (Hub) ---------------------------------------------------------------
 
     def authenticate(self, conn: ChargePointHandler) -> Refusal | None:
@@ -220,6 +318,7 @@ class Gateway:
         self._arm(conn.cid)
         log.info("cp %s: connected from %s using %s (%s, %s)", conn.cid, conn.peer,
                  conn.version, conn.listener.settings.key, conn.auth_method)
+        self.on_change()
 
     def cp_text(self, conn: ChargePointHandler, text: str) -> None:
         session = self.sessions.get(conn.cid)
@@ -245,6 +344,7 @@ class Gateway:
             timer[1].cancel()
         if session is not None:
             self._apply(session, session.close(reason))
+        self.on_change()
 
     def _apply(self, session: Session, effects: list[Effect]) -> None:
         cid = session.cid
@@ -322,6 +422,7 @@ class Gateway:
             self._schedule_commit()
 
     def _upstream_state(self, up: bool) -> None:
+        self.on_change()
         if not self.close_stations:
             return
         self.accepting = up

@@ -129,6 +129,19 @@ class MqttUplink:
             log.info("stopping with %d upstream message(s) not yet acknowledged by the "
                      "broker; they stay in the buffer for the next start", len(self.buffer))
 
+    def set_subscriptions(self, subscriptions: list[tuple[str, int]]) -> None:
+        """Replace the downstream subscriptions (a reload changed the topic): at once when
+        connected, else at the next connection."""
+        old, self.subscriptions = self.subscriptions, subscriptions
+        client = self._client
+        if not self.connected or client is None:
+            return
+        gone = [f for f, _ in old if f not in {f for f, _ in subscriptions}]
+        if gone:
+            client.unsubscribe(gone)
+        for topic_filter, qos in subscriptions:
+            client.subscribe(topic_filter, qos)
+
     def kick(self) -> None:
         """The buffer grew: publish soon (once per loop iteration, however many appends)."""
         if self.connected and not self._pump_scheduled:
