@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.parse
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,7 +46,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 import websockets
-from conftest import ROOT, Broker, GatewayProcess, free_port, wait_for_port
+from conftest import ROOT, Backend, Broker, GatewayProcess, free_port, wait_for_port
 from ocpp.v16 import ChargePoint as ChargePoint16
 from ocpp.v16 import call
 
@@ -731,6 +732,26 @@ def open_flood(port: int, n: int) -> tuple[list[socket.socket], int, list[str]]:
     return held, refused, statuses
 
 
+def test_burst_past_max_conn_rate_refused_at_accept(tmp_path, mosquitto):
+    gw = start_gateway(tmp_path, mosquitto.port, """
+        ocpp.listener.ws.max_conn_rate = 2
+    """)
+    try:
+        time.sleep(1.5)  # the bucket (2 new connections, one second's worth) fills up
+        held, refused, statuses = open_flood(gw.port, 30)
+        for s in held:
+            s.close()
+        # 30 connections within milliseconds: the bucket's 2, perhaps one refilled token,
+        # get in; a generous bound, as the refill depends on the machine's speed.
+        assert 1 <= len(held) <= 5, (len(held), refused)
+        assert statuses == ["101"] * len(held)
+        assert refused == 30 - len(held)
+        gw.wait_log("ocpp.listener.ws: refusing connections (from 127.0.0.1 and maybe "
+                    "others): max_conn_rate = 2 reached")
+    finally:
+        gw.stop()
+
+
 @pytest.fixture
 def limited(tmp_path, mosquitto, pki):
     p3 = free_port()
@@ -933,3 +954,100 @@ def test_nothing_a_charge_point_sends_leaves_its_own_topics(tmp_path, mosquitto)
     finally:
         recorder.close()
         gw.stop()
+
+
+# --- upstream over TLS (mqtts://) ------------------------------------------------------
+
+@pytest.fixture
+def tls_broker(tmp_path, pki):
+    """Mosquitto with a plain listener (for the test's backend) and three TLS ones: the
+    site's server certificate; the same, requiring a client certificate; and a
+    certificate that names only ``broker.invalid`` (another CA)."""
+    other = certtool.init(tmp_path / "other-ca", hostnames=["broker.invalid"],
+                          include_defaults=False)
+    b = Broker(tmp_path)
+    b.tls = {name: free_port() for name in ("plain-tls", "client-cert", "wrong-name")}
+    conf = b.conf.read_text()
+    if os.geteuid() == 0:  # else mosquitto drops to its own user, who cannot read tmp_path
+        conf += "user root\n"
+    for name, port in b.tls.items():
+        cert, key = ((other.server_cert, other.server_key) if name == "wrong-name"
+                     else (pki.server_cert, pki.server_key))
+        conf += (f"listener {port} 127.0.0.1\ncafile {pki.ca}\ncertfile {cert}\n"
+                 f"keyfile {key}\nrequire_certificate "
+                 f"{'true' if name == 'client-cert' else 'false'}\n")
+    b.conf.write_text(conf)
+    b.other_ca = other.ca_cert
+    b.start()
+    for port in b.tls.values():
+        wait_for_port(port)
+    yield b
+    b.stop()
+
+
+def mqtts_gateway(tmp_path: Path, name: str, broker, listener: str, extra: str):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    return GatewayProcess(workdir, broker.port, f"""
+        mqtt.server = mqtts://127.0.0.1:{broker.tls[listener]}
+        {extra}
+    """)
+
+
+def test_mqtts_uplink_verifies_the_broker_and_carries_messages(tmp_path, tls_broker, pki):
+    issued = certtool.issue(pki.ca.parent, "gw-site-17", tmp_path / "gw-cert")
+    gateways = {
+        "trusted": mqtts_gateway(tmp_path, "trusted", tls_broker, "plain-tls",
+                                 f"mqtt.cacertfile = {pki.ca}"),
+        "rogue CA": mqtts_gateway(tmp_path, "rogue", tls_broker, "plain-tls",
+                                  f"mqtt.cacertfile = {tls_broker.other_ca}"),
+        "wrong name": mqtts_gateway(tmp_path, "wrong-name", tls_broker, "wrong-name",
+                                    f"mqtt.cacertfile = {tls_broker.other_ca}"),
+        "wrong name, unchecked": mqtts_gateway(
+            tmp_path, "unchecked", tls_broker, "wrong-name",
+            f"mqtt.cacertfile = {tls_broker.other_ca}\nmqtt.verify_hostname = false"),
+        "no client cert": mqtts_gateway(tmp_path, "no-cert", tls_broker, "client-cert",
+                                        f"mqtt.cacertfile = {pki.ca}"),
+        "client cert": mqtts_gateway(
+            tmp_path, "cert", tls_broker, "client-cert",
+            f"mqtt.cacertfile = {pki.ca}\nmqtt.certfile = {issued.cert}\n"
+            f"mqtt.keyfile = {issued.key}"),
+    }
+    backend = Backend(tls_broker.port)
+    try:
+        with ThreadPoolExecutor(len(gateways)) as pool:  # start them side by side
+            list(pool.map(GatewayProcess.start, gateways.values()))
+        for name in ("trusted", "wrong name, unchecked", "client cert"):
+            gateways[name].wait_log("subscribed to ocpp/cs/+")
+        for name in ("rogue CA", "wrong name"):
+            gateways[name].wait_log("MQTT: the broker's certificate is not trusted")
+        text = gateways["wrong name"].log_text()
+        assert "Hostname mismatch" in text or "IP address mismatch" in text, text[-2000:]
+        assert "certificate verify failed" in gateways["rogue CA"].log_text()
+        # The broker refuses a gateway without a client certificate where it wants one.
+        deadline = time.monotonic() + TIMEOUT
+        while "peer did not return a certificate" not in tls_broker.log.read_text():
+            assert time.monotonic() < deadline, tls_broker.log.read_text()[-2000:]
+            time.sleep(0.1)
+        time.sleep(1)  # a few more reconnect attempts (100-500 ms apart), all refused
+        for name in ("rogue CA", "wrong name", "no client cert"):
+            assert "MQTT connected" not in gateways[name].log_text(), name
+
+        async def round_trip():
+            gw = gateways["trusted"]
+            async with ws_connect(f"{gw.url}/CP-MQTTS") as ws:
+                await ws.send(json.dumps([2, "hb-1", "Heartbeat", {}]))
+                topic, up = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: backend.expect("ocpp/cp/CP-MQTTS"))
+                assert (up["Action"], up["UniqueId"]) == ("Heartbeat", "hb-1")
+                backend.publish("ocpp/cs/CP-MQTTS", {
+                    "MessageTypeId": 3, "UniqueId": "hb-1",
+                    "Payload": {"currentTime": now_iso()}})
+                return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+        answer = asyncio.run(round_trip())
+        assert answer[:2] == [3, "hb-1"]
+    finally:
+        backend.close()
+        with ThreadPoolExecutor(len(gateways)) as pool:
+            list(pool.map(GatewayProcess.stop, gateways.values()))
