@@ -21,7 +21,11 @@ def now() -> str:
 
 def on_connect(client, userdata, flags, rc, properties=None):
     client.subscribe("ocpp/cp/#", qos=1)
-    print("backend: connected, subscribed to ocpp/cp/#", flush=True)
+    print("backend: connected, subscribing to ocpp/cp/#", flush=True)
+
+
+def on_subscribe(client, userdata, mid, *args):  # paho 1.6 and 2.x signatures
+    print("backend: subscribed to ocpp/cp/#", flush=True)  # deb-test waits for this line
 
 
 def on_message(client, userdata, msg):
@@ -49,6 +53,7 @@ else:  # paho 1.6 (Debian bookworm)
     client = mqtt.Client(client_id="deb-test-backend")
 client.on_connect = on_connect
 client.on_message = on_message
+client.on_subscribe = on_subscribe
 while True:
     try:
         client.connect("127.0.0.1", 1883, keepalive=30)
