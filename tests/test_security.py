@@ -490,6 +490,9 @@ def test_certificate_of_charger_a_used_as_charger_b_is_403(site, listener):
     # Even with B's correct password: the certificate says who this is.
     r = upgrade(site.ports[listener], "/ocpp/CP-B", tls=tls, authorization=basic("CP-B", KEY_B))
     assert (r.status, r.reason) == (403, "Forbidden")
+    # The id must match exactly: the CN is also the MQTT topic level.
+    r = upgrade(site.ports[listener], "/ocpp/cp-a", tls=tls)
+    assert (r.status, r.reason) == (403, "Forbidden")
     site.gw.wait_log("refused charge point CP-B from 127.0.0.1 on "
                      f"ocpp.listener.wss.{listener}: client certificate: the certificate "
                      "is for 'CP-A', not 'CP-B'")
@@ -580,6 +583,65 @@ def test_oversize_frame_closes_with_1009(site):
 
     closed = asyncio.run(scenario())
     assert closed.rcvd is not None and closed.rcvd.code == 1009
+
+
+def test_oversize_fragmented_message_closes_with_1009(site):
+    async def scenario():
+        async with ws_connect(f"{url(site, 'open')}/CP-FRAG", max_size=None) as ws:
+            # Three fragments of 400 bytes, each under the limit, 1200 bytes together.
+            head = '[2, "frag-1", "DataTransfer", {"vendorId": "v", "data": "'
+            await ws.send([head + "x" * (400 - len(head)), "x" * 400, "x" * 396 + '"}]'])
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
+            return info.value
+
+    closed = asyncio.run(scenario())
+    assert closed.rcvd is not None and closed.rcvd.code == 1009
+
+
+def test_no_permessage_deflate_so_no_decompression_bomb(site):
+    # A compressed frame could expand far beyond ocpp.max_frame_size; the extension is
+    # simply never negotiated.
+    lines = ["GET /ocpp/CP-ZIP HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {WS_KEY}",
+             "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: ocpp1.6",
+             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"]
+    with socket.create_connection(("127.0.0.1", site.ports["open"]), timeout=TIMEOUT) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            assert chunk, data
+            data += chunk
+    head = data.split(b"\r\n\r\n")[0].decode("latin-1").lower()
+    assert head.startswith("http/1.1 101 ")
+    assert "sec-websocket-extensions" not in head
+
+
+def test_message_rate_paces_a_chatty_charge_point_without_dropping(tmp_path, mosquitto):
+    gw = start_gateway(tmp_path, mosquitto.port, "ocpp.max_message_rate = 10\n")
+    try:
+        async def scenario():
+            async with ws_connect(f"{gw.url}/CP-CHATTY") as ws:
+                # 40 calls the gateway answers itself at once (schema violations), sent
+                # in one go: without the limit all answers are back within milliseconds.
+                started = time.monotonic()
+                for i in range(40):
+                    await ws.send(json.dumps([2, f"m{i}", "Heartbeat", {"extra": i}]))
+                answers = [json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                           for _ in range(40)]
+                return time.monotonic() - started, answers
+
+        elapsed, answers = asyncio.run(scenario())
+        assert [a[:2] for a in answers] == [[4, f"m{i}"] for i in range(40)]  # none lost
+        # 40 messages at 10/s after a burst of 10: 3 s at the very least; no upper bound.
+        assert elapsed >= 2.5, elapsed
+        # Slowed down, never cut off: one connection, closed by the charge point at the end.
+        log_text = gw.wait_log("cp CP-CHATTY: disconnected")
+        assert log_text.count("cp CP-CHATTY: connected") == 1
+        assert log_text.count("cp CP-CHATTY: disconnected (code 1000)") == 1
+    finally:
+        gw.stop()
 
 
 def closed_by_server(sock: socket.socket) -> bool:
