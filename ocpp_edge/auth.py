@@ -53,9 +53,9 @@ def peer_identity_problem(cert: dict | None, cid: str, field: str) -> str | None
 
     The certificate of one charge point must not open the connection of another
     (OCPP 2.0.1 Part 2 A00.FR.417 puts the identity in the CN). With ``cn`` the
-    subject must hold exactly one commonName and it must equal ``cid``; with ``dns``
-    one of the subjectAltName DNS names must equal it. Exact, case-sensitive matching:
-    the id is also the MQTT topic level.
+    subject must hold exactly one commonName and it must equal ``cid``, exactly (the id
+    is also the MQTT topic level); with ``dns`` one of the subjectAltName DNS names must
+    equal it, ignoring ASCII letter case (below).
     """
     if not cert:
         return "no verified client certificate"
@@ -66,9 +66,14 @@ def peer_identity_problem(cert: dict | None, cid: str, field: str) -> str | None
         if names[0] != cid:
             return f"the certificate is for {names[0]!r}, not {cid!r}"
         return None
-    if cid not in names:
-        return f"no subjectAltName DNS name of the certificate is {cid!r}"
-    return None
+    # DNS names compare case-insensitively, ASCII letters only (RFC 4343 §3, RFC 6125
+    # §6.4.1), and CAs store them in lower case (`ocpp-edge cert issue` does, as X.509
+    # tools commonly do): an exact match refused charge point "CP-D" its own certificate
+    # for "cp-d" (found by tests/test_security.py). Non-ASCII ids never match: str.lower()
+    # would map e.g. U+212A KELVIN SIGN to an ASCII "k".
+    if cid.isascii() and cid.lower() in {n.lower() for n in names if n.isascii()}:
+        return None
+    return f"no subjectAltName DNS name of the certificate is {cid!r}"
 
 
 class Credentials(Protocol):

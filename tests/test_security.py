@@ -47,6 +47,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import websockets
 from conftest import ROOT, Backend, Broker, GatewayProcess, free_port, wait_for_port
+from cryptography import x509
 from ocpp.v16 import ChargePoint as ChargePoint16
 from ocpp.v16 import call
 
@@ -105,6 +106,11 @@ def pki(tmp_path_factory) -> Pki:
     f = certtool.issue(site, "CP-A", d / "expired", not_before=now - timedelta(days=30),
                        not_after=now - timedelta(days=1))
     clients["expired CP-A"] = (f.cert, f.key)
+    # For peer_cert_id = dns: the id in a subjectAltName, another name in the CN.
+    f = certtool.issue(site, "CP-D", d / "dns", common_name="not-the-id", dns_names=["CP-D"])
+    clients["dns CP-D"] = (f.cert, f.key)
+    f = certtool.issue(site, "kelvin", d / "dns", common_name="x", dns_names=["kelvin"])
+    clients["dns kelvin"] = (f.cert, f.key)
     passwords = d / "passwords"
     key_p1 = ocpp_edge("passwd", "CP-P1", "--file", str(passwords), "--generate").strip()
     assert len(key_p1) == 40
@@ -191,7 +197,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, mosquitto, pki) -> Site:
-    ports = {name: free_port() for name in ("open", "wss", "p3", "mixed", "rsa")}
+    ports = {name: free_port() for name in ("open", "wss", "p3", "mixed", "rsa", "dns")}
     extra = f"""
         auth.allow_anonymous = false
         auth.password_file = {pki.passwords}
@@ -212,6 +218,10 @@ def site(tmp_path_factory, mosquitto, pki) -> Site:
         ocpp.listener.wss.rsa = 127.0.0.1:{ports['rsa']}
         ocpp.listener.wss.rsa.certfile = {pki.rsa_cert}
         ocpp.listener.wss.rsa.keyfile = {pki.rsa_key}
+        ocpp.listener.wss.dns = 127.0.0.1:{ports['dns']}
+        ocpp.listener.wss.dns.verify = verify_peer
+        ocpp.listener.wss.dns.fail_if_no_peer_cert = true
+        ocpp.listener.wss.dns.peer_cert_id = dns
     """
     gw = start_gateway(tmp_path_factory.mktemp("site"), mosquitto.port, extra,
                        tuple(ports.values()))
@@ -496,6 +506,35 @@ def test_certificate_of_charger_a_used_as_charger_b_is_403(site, listener):
     site.gw.wait_log("refused charge point CP-B from 127.0.0.1 on "
                      f"ocpp.listener.wss.{listener}: client certificate: the certificate "
                      "is for 'CP-A', not 'CP-B'")
+
+
+def test_peer_cert_id_dns_binds_the_subject_alt_name(site):
+    port, p = site.ports["dns"], site.pki
+    # `cert issue` stores the DNS name as DNS names are, in lower case ("cp-d"); DNS names
+    # match regardless of ASCII case, so the charge point "CP-D" gets in with it.
+    cert = certtool.load_certificates(p.clients["dns CP-D"][0])[0]
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["cp-d"]
+    assert_switched(upgrade(port, "/ocpp/CP-D", tls=client_tls(p, p.clients["dns CP-D"])))
+    # With peer_cert_id = dns the CN proves nothing.
+    r = upgrade(port, "/ocpp/not-the-id", tls=client_tls(p, p.clients["dns CP-D"]))
+    assert (r.status, r.reason) == (403, "Forbidden")
+    r = upgrade(port, "/ocpp/CP-A", tls=client_tls(p, p.clients["CP-A"]))
+    assert (r.status, r.reason) == (403, "Forbidden")
+    # Case-insensitive in ASCII only: U+212A KELVIN SIGN lowers to an ASCII "k".
+    kelvin = client_tls(p, p.clients["dns kelvin"])
+    assert_switched(upgrade(port, "/ocpp/KELVIN", tls=kelvin))
+    r = upgrade(port, "/ocpp/" + urllib.parse.quote("\u212aelvin"), tls=kelvin)
+    assert (r.status, r.reason) == (403, "Forbidden")
+
+
+def test_server_certificate_is_no_client_certificate(site):
+    # The gateway's own certificate (serverAuth only) presented by a client, for the id
+    # in its CN: OpenSSL's purpose check refuses it in the handshake.
+    cn = certtool.common_name(certtool.load_certificates(site.pki.server_cert)[0])
+    tls = client_tls(site.pki, (str(site.pki.server_cert), str(site.pki.server_key)))
+    assert tls_refusal(site.ports["p3"], tls, path=f"/ocpp/{cn}") \
+        == "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE"
 
 
 def test_certificate_of_charger_a_as_b_with_the_ocpp_library(site):
