@@ -127,12 +127,16 @@ class FailureLimiter:
     def failed(self, address: str, now: float) -> None:
         times = self._recent(address, now)
         if times is None:
-            times = self._failures[address] = deque(maxlen=self.max_failures)
+            times = self._failures[address] = deque()
             if len(self._failures) > MAX_TRACKED_ADDRESSES:
                 self._failures.popitem(last=False)  # the longest-untouched address
         else:
             self._failures.move_to_end(address)
         times.append(now)
+        # Trimmed here rather than by deque(maxlen=...): a reload may raise max_failures,
+        # and a history capped at the old value could then never reach the new one.
+        while len(times) > self.max_failures:
+            times.popleft()
 
 
 def basic_password(authorization: str, cid: str) -> bytes | str:

@@ -1187,3 +1187,22 @@ def test_mqtts_uplink_verifies_the_broker_and_carries_messages(tmp_path, tls_bro
         backend.close()
         with ThreadPoolExecutor(len(gateways)) as pool:
             list(pool.map(GatewayProcess.stop, gateways.values()))
+
+
+# --- the failure limiter's bookkeeping (pure; the wire behaviour is tested above) ------
+
+def test_failure_limit_follows_a_reloaded_max_failures():
+    from ocpp_edge.auth import FailureLimiter
+
+    limiter = FailureLimiter(max_failures=2, window=60)
+    for t in range(3):
+        limiter.failed("192.0.2.1", float(t))
+    assert limiter.retry_after("192.0.2.1", 3.0) is not None
+    limiter.max_failures = 4  # what Gateway.reload does
+    assert limiter.retry_after("192.0.2.1", 3.0) is None
+    for t in (4.0, 5.0):
+        limiter.failed("192.0.2.1", t)
+    # The oldest kept failure (t = 1; two were kept under the old limit) ages out at 61.
+    assert limiter.retry_after("192.0.2.1", 6.0) == 55.0
+    limiter.max_failures = 1
+    assert limiter.retry_after("192.0.2.1", 6.0) is not None
