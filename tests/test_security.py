@@ -4,10 +4,10 @@ Mosquitto, Python's ``ssl`` client and the PyPI ``ocpp`` library over ``websocke
 
 Every certificate is made by the project's own tooling: ``ocpp-edge cert init`` and
 ``ocpp-edge cert issue`` as an operator runs them, and ``certtool`` (the same code) for
-the certificates that are wrong on purpose (expired, from another CA). Passwords are set
-with ``ocpp-edge passwd``.
+the certificates that are wrong on purpose (expired, the id in a subjectAltName only);
+another ``cert init`` is the untrusted CA. Passwords are set with ``ocpp-edge passwd``.
 
-Most tests share one gateway (``site``) with six listeners, one per way in:
+Most tests share one gateway (``site``) with seven listeners, one per way in:
 
 =============  ======  ========================================================
 ``ws``         P1      ws://, HTTP Basic required
@@ -16,10 +16,12 @@ Most tests share one gateway (``site``) with six listeners, one per way in:
 ``p3``         P3      wss://, client certificate required in the TLS handshake
 ``mixed``      P2/P3   wss://, a certificate if presented, else a password
 ``rsa``        P2      wss:// with an RSA server key (for the RSA-only suites)
+``dns``        P3      as ``p3``, the id bound to a subjectAltName DNS name
 =============  ======  ========================================================
 
 Its failure limit is out of reach (every test connects from 127.0.0.1); the limit has
-its own gateway and client addresses of its own (127.0.0.x).
+its own gateway and client addresses of its own (127.0.0.x). The flood, the rate limits,
+topic confinement and the mqtts uplink have their own gateways too.
 """
 
 from __future__ import annotations
