@@ -152,8 +152,10 @@ def render_status(st: dict, now: float) -> str:
         link += f" for {_since(up['since'], now)}"
     if up.get("reconnects") is not None:
         link += f", {up['reconnects']} reconnect{'s' if up['reconnects'] != 1 else ''}"
-    if up.get("replay_rate"):
-        link += f", replaying {up['replay_rate']:.0f} msg/s"
+    rate = up.get("replay_rate")
+    if state == "connected" and isinstance(rate, int | float) and rate >= 0.05:
+        link += f", publishing {rate:.1f} msg/s" if rate < 10 else \
+            f", publishing {rate:.0f} msg/s"
     messages = buf.get("messages")
     buffer = f"{_show(messages)} message{'s' if messages != 1 else ''}, " \
              f"{fmt_bytes(buf.get('bytes'))}"

@@ -317,11 +317,13 @@ class GatewayMetrics:
     charge point), as in the configuration keys. A message is counted in the direction it
     travels, whoever answers: a CALLRESULT from a charge point is ``upstream``.
     ``action`` is the CALL's action (for replies: of the CALL they answer, ``""`` when
-    unknown). Close and refusal reasons are short identifiers chosen by the gateway, e.g.
-    ``closed_by_peer``, ``replaced``, ``kicked``, ``heartbeat_timeout``,
-    ``ping_timeout``, ``protocol_error``, ``upstream_down``, ``shutdown``,
-    ``internal_error``; refusals ``max_connections``, ``rate``, ``auth``, ``bad_id``,
-    ``upstream_down``. Anything not shaped like an identifier is counted as ``other``.
+    unknown). Close reasons are those of the ``disconnected`` event (presence.py, EMQX's
+    words where EMQX has one): ``sock_closed`` (the charge point or the network closed
+    it), ``kicked``, ``discarded`` (replaced by a new connection with the same id),
+    ``keepalive_timeout`` (heartbeat checking), ``shutdown``, ``upstream_down``,
+    ``internal_error``, ``closed``. Refusals: ``auth`` (401/403), ``unknown_id`` (404),
+    ``too_many_failures`` (429), ``max_connections``, ``max_conn_rate``. Anything not
+    shaped like an identifier is counted as ``other``.
     """
 
     def __init__(self, version: str, start_time: float) -> None:
@@ -412,8 +414,8 @@ class GatewayMetrics:
     def connection_closed(self, reason: str) -> None:
         self._closed.inc((self._reason(reason),))
 
-    def connection_refused(self, listener: str, reason: str) -> None:
-        self._refused.inc((self._listener(listener), self._reason(reason)))
+    def connection_refused(self, listener: str, reason: str, n: int = 1) -> None:
+        self._refused.inc((self._listener(listener), self._reason(reason)), n)
 
     # -- messages --------------------------------------------------------------------------
 
@@ -449,26 +451,29 @@ class GatewayMetrics:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         self._callerrors.inc((direction, self._code(code)))
 
-    def timeout(self, direction: str) -> None:
-        self._count_direction(self._timeouts, direction)
+    # ``n``: several at once, for counts another object keeps and the gateway passes on
+    # when scraped (see ops.py).
 
-    def orphan_reply(self, direction: str) -> None:
-        self._count_direction(self._orphans, direction)
+    def timeout(self, direction: str, n: int = 1) -> None:
+        self._count_direction(self._timeouts, direction, n)
 
-    def schema_failure(self, direction: str) -> None:
-        self._count_direction(self._schema, direction)
+    def orphan_reply(self, direction: str, n: int = 1) -> None:
+        self._count_direction(self._orphans, direction, n)
+
+    def schema_failure(self, direction: str, n: int = 1) -> None:
+        self._count_direction(self._schema, direction, n)
 
     @staticmethod
-    def _count_direction(counter: Counter, direction: str) -> None:
+    def _count_direction(counter: Counter, direction: str, n: int = 1) -> None:
         key = (direction,)
         if key not in counter.values:  # all valid directions are declared up front
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        counter.values[key] += 1
+        counter.values[key] += n
 
     # -- upstream --------------------------------------------------------------------------
 
-    def upstream_reconnect(self) -> None:
-        self._reconnects.values[()] += 1
+    def upstream_reconnect(self, n: int = 1) -> None:
+        self._reconnects.values[()] += n
 
     # -- output ----------------------------------------------------------------------------
 

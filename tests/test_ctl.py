@@ -343,3 +343,17 @@ def test_url_from_listen():
     assert url_from_listen("[::]:33080") == "http://[::1]:33080"
     assert url_from_listen("192.168.1.10:33080") == "http://192.168.1.10:33080"
     assert url_from_listen("off") is None
+
+
+def test_status_shows_the_publish_rate_only_while_connected():
+    from ocpp_edge.ctl import render_status
+
+    def upstream_line(state: str, rate: float) -> str:
+        text = render_status({"upstream": {"state": state, "server": "mqtt://b:1883",
+                                           "replay_rate": rate}}, time.time())
+        return next(line for line in text.splitlines() if line.startswith("upstream"))
+
+    assert upstream_line("connected", 2.46).endswith("publishing 2.5 msg/s")
+    assert upstream_line("connected", 180.4).endswith("publishing 180 msg/s")
+    assert "publishing" not in upstream_line("connected", 0.01)
+    assert "publishing" not in upstream_line("disconnected", 3.0)  # an old average

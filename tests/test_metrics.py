@@ -132,7 +132,7 @@ def test_gateway_metrics_count_and_render():
     m.connection_opened("ocpp.listener.ws")
     m.connection_opened("ocpp.listener.ws")
     m.connection_opened("ocpp.listener.wss.vlan")
-    m.connection_closed("closed_by_peer")
+    m.connection_closed("sock_closed")
     m.connection_refused("ocpp.listener.ws", "max_connections")
     for _ in range(5):
         m.message("upstream", "CALL", "Heartbeat")
@@ -150,7 +150,7 @@ def test_gateway_metrics_count_and_render():
     assert value(f, "ocpp_edge_connections_opened_total", listener="ocpp.listener.ws") == 2
     assert value(f, "ocpp_edge_connections_opened_total",
                  listener="ocpp.listener.wss.vlan") == 1
-    assert value(f, "ocpp_edge_connections_closed_total", reason="closed_by_peer") == 1
+    assert value(f, "ocpp_edge_connections_closed_total", reason="sock_closed") == 1
     assert value(f, "ocpp_edge_connections_refused_total", listener="ocpp.listener.ws",
                  reason="max_connections") == 1
     assert value(f, "ocpp_edge_messages_total", direction="upstream", type="CALL",
@@ -398,3 +398,23 @@ def test_rate_meter():
         clock[0] += 15
     assert meter.rate() == pytest.approx(0.0, abs=1e-9)
     assert len(meter._samples) <= 6
+
+
+def test_counts_passed_on_several_at_once():
+    # ops.py passes on totals other objects keep (sessions' timeouts, the uplink's
+    # reconnects, the listeners' refusals) when scraped, as one increment each.
+    m = bound(GatewayMetrics("0.1.0", 0.0))
+    m.timeout("upstream", 3)
+    m.orphan_reply("dnstream", 2)
+    m.schema_failure("dnstream", 4)
+    m.upstream_reconnect(5)
+    m.connection_refused("ocpp.listener.ws", "max_conn_rate", 6)
+    f = parse_strict(m.render())
+    assert value(f, "ocpp_edge_timeouts_total", direction="upstream") == 3
+    assert value(f, "ocpp_edge_orphan_replies_total", direction="dnstream") == 2
+    assert value(f, "ocpp_edge_schema_failures_total", direction="dnstream") == 4
+    assert value(f, "ocpp_edge_upstream_reconnects_total") == 5
+    assert value(f, "ocpp_edge_connections_refused_total", listener="ocpp.listener.ws",
+                 reason="max_conn_rate") == 6
+    with pytest.raises(ValueError):
+        m.timeout("sideways", 2)

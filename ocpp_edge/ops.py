@@ -1,0 +1,440 @@
+"""Operations: the admin endpoint's view of the gateway, its metrics, presence on MQTT.
+
+The adapter between the gateway and ``admin.py`` / ``metrics.py`` / ``presence.py``.
+``Gateway`` makes one :class:`Operations` and calls its hooks as things happen:
+
+====================  ==================================================================
+``cp_connected``      a charge point's WebSocket is open and its session made
+``cp_text``           a frame from it was handled
+``to_cp``             a frame went to it
+``backend_rx``        a message from the backend for it was handled
+``upstream``          a message was appended to the buffer for the broker
+``cp_gone``           its session ended (whatever the reason)
+``upstream_state``    the MQTT link went up or down
+``refused``           a charge point was refused before the upgrade
+====================  ==================================================================
+
+Each hook is O(1): a dict lookup and a few additions (``to_cp`` also matches a regular
+expression against the first few bytes of the frame). Nothing here scans the charge
+points per message; what other objects already count (the sessions' timeouts, the
+uplink's reconnects and acknowledgements, the buffer's drops, the listeners' refusals)
+is read when somebody asks: one pass over the sessions per scrape of ``/metrics``.
+
+Presence (``presence.py``): the retained gateway status is handed to the uplink (it is
+state, not history: published on every connection and as the will, never buffered); the
+charge point events are appended to the disk buffer like OCPP messages, so they keep
+their place among the charge point's messages on the wire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ocpp_edge import __version__, presence
+from ocpp_edge.admin import rfc3339, start_admin_server
+from ocpp_edge.metrics import DNSTREAM, UPSTREAM, GatewayMetrics, RateMeter
+from ocpp_edge.mqtt_uplink import StatusTopic
+from ocpp_edge.ocppj.messages import Call, CallError, CallResultError, Message, MessageType
+from ocpp_edge.router import TopicError, TopicTemplate, compile_template
+
+if TYPE_CHECKING:
+    from ocpp_edge.auth import Refusal
+    from ocpp_edge.cp_server import ChargePointHandler
+    from ocpp_edge.gateway import Gateway
+    from ocpp_edge.session import Session
+
+log = logging.getLogger("ocpp_edge.ops")
+
+# The head of a frame the codec wrote: [type,"id","action-or-code"... (no spaces; see
+# ocppj/codec.py). Matched from the start only, so its cost does not grow with the payload.
+_FRAME_HEAD = re.compile(r'\[([2-6]),"((?:[^"\\]|\\.)*)"(?:,"([A-Za-z][A-Za-z0-9_]*)")?')
+_TYPE_NAMES = {str(t.value): t.name for t in MessageType}
+MAX_LABELLED_CALLS = 16  # per charge point: ids of its CALLs, to label the replies to them
+_REFUSALS = {401: "auth", 403: "auth", 404: "unknown_id", 429: "too_many_failures"}
+
+
+class BacklogClock:
+    """The age of the oldest message in the buffer, from its length alone.
+
+    The buffer is a FIFO: the oldest message still in it is the ``accepted - len + 1``-th
+    one ever accepted (messages found at start-up count as accepted then). One (ordinal,
+    time) sample is kept per second of arrivals, so the age is right to a second, memory is
+    bounded by the length of the backlog in seconds (thinned past ``max_samples``), and
+    an append costs an addition and a comparison. While the buffer overflows and keeps
+    transaction messages longest, the oldest one can be older than reported.
+    """
+
+    def __init__(self, initial: int, now: float, max_samples: int = 100_000) -> None:
+        self.accepted = initial
+        self.max_samples = max_samples
+        self._samples: deque[tuple[int, float]] = deque([(1, now)] if initial else [])
+
+    def appended(self, length: int, now: float) -> None:
+        self.accepted += 1
+        samples = self._samples
+        if not samples or now - samples[-1][1] >= 1.0:
+            samples.append((self.accepted, now))
+            self._prune(length)
+            if len(samples) > self.max_samples:  # a very long outage: halve the precision
+                self._samples = deque(list(samples)[::2])
+
+    def _prune(self, length: int) -> int:
+        oldest = self.accepted - length + 1
+        samples = self._samples
+        while len(samples) > 1 and samples[1][0] <= oldest:
+            samples.popleft()
+        return oldest
+
+    def oldest_age(self, length: int, now: float) -> float | None:
+        if length <= 0:
+            self._samples.clear()
+            return None
+        self._prune(length)
+        if not self._samples:
+            return None
+        return max(0.0, now - self._samples[0][1])
+
+
+class _Client:
+    """What the admin endpoint and the events say about one connection."""
+
+    __slots__ = ("conn", "session", "info", "connected_at", "last_rx", "rx", "tx",
+                 "orphans", "schema", "calls")
+
+    def __init__(self, conn: ChargePointHandler, session: Session, info: dict) -> None:
+        self.conn = conn
+        self.session = session
+        self.info = info  # the fields both events carry (presence.client_info)
+        self.connected_at = conn.connected_at or time.time()
+        self.last_rx: float | None = None
+        self.rx = 0
+        self.tx = 0
+        self.orphans = 0  # the session's counters as last seen, to split them by direction
+        self.schema = 0
+        self.calls: dict[str, str] = {}  # UniqueId -> action of its CALLs in flight
+
+
+def basic_username(authorization: str | None) -> str | None:
+    """The user name of an HTTP Basic ``Authorization`` header (EMQX's username)."""
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        raw = base64.b64decode(credentials.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.partition(b":")[0].decode("utf-8", "replace")
+
+
+def _peer_port(conn: ChargePointHandler) -> int | None:
+    # Tornado's HTTP1ServerConnection context keeps the (ip, port, ...) it accepted.
+    address = getattr(getattr(conn.request.connection, "context", None), "address", None)
+    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int):
+        return address[1]
+    return None
+
+
+class Operations:
+    """The :class:`~ocpp_edge.admin.AdminView` of one gateway, its metrics and presence."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.started_at = time.time()
+        self.loaded_at = self.started_at
+        self._settings_seen = gateway.settings
+        self.metrics = GatewayMetrics(__version__, self.started_at)
+        self.node = gateway.settings.mqtt.client_id  # presence's ${node}
+        self.stopping = False
+        self.admin_server: Any = None
+        self.admin_port: int | None = None
+        self._clients: dict[str, _Client] = {}
+        self._retired = {"timeouts_upstream": 0, "timeouts_dnstream": 0}
+        self._passed: dict[tuple, int] = {}  # totals read elsewhere, as given to metrics
+        self._templates: dict[str, TopicTemplate] = {}
+        self._link_since = self.started_at
+        self._ever_up = False
+        buffer, uplink = gateway.buffer, gateway.uplink
+        self._backlog = BacklogClock(len(buffer), time.monotonic())
+        self._rate = RateMeter(lambda: uplink.published, time.monotonic)
+        self.metrics.bind(
+            charge_points=lambda: len(gateway.connections),
+            buffer_messages=lambda: len(buffer), buffer_bytes=lambda: buffer.bytes,
+            buffer_oldest_age=lambda: self._backlog.oldest_age(len(buffer), time.monotonic()),
+            buffer_dropped=lambda: buffer.dropped,
+            upstream_connected=lambda: uplink.connected,
+            published=lambda: uplink.published, replay_rate=self._rate.rate)
+        status = self._render(gateway.settings.ocpp.status_topic, {"node": self.node})
+        if status is not None:
+            started = rfc3339(self.started_at) or ""
+
+            def payload(state: str, reason: str | None, now: float | None) -> bytes:
+                return presence.status_payload(state, node=self.node, version=__version__,
+                                               started_at=started, now=now, reason=reason)
+
+            uplink.status = StatusTopic(
+                topic=status,
+                online=lambda: payload(presence.ONLINE, None, time.time()),
+                will=payload(presence.OFFLINE, "connection_lost", None),
+                stopped=lambda: payload(presence.OFFLINE, "shutdown", time.time()))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the admin endpoint on the running loop (raises OSError: port taken)."""
+        admin = self.gw.settings.admin
+        if admin.listen is None:
+            log.info("admin endpoint off (admin.listen = off)")
+            return
+        host = admin.listen.host
+        try:
+            self.admin_server, self.admin_port = start_admin_server(
+                self, host, admin.listen.port, admin.token)
+        except OSError as exc:  # the CLI logs it and exits 1: name the key to change
+            raise OSError(exc.errno, f"admin.listen = {host}:{admin.listen.port}: "
+                          f"{exc.strerror or exc}") from None
+        shown = f"[{host}]" if ":" in host else host
+        log.info("admin endpoint on http://%s:%d (%s)", shown, self.admin_port,
+                 "bearer token required" if admin.token else "no token: loopback only")
+
+    def stop(self) -> None:
+        self.stopping = True  # /healthz says so until the server is gone
+        if self.admin_server is not None:
+            self.admin_server.stop()
+            self.admin_server = None
+
+    def config_loaded(self) -> None:
+        """The configuration was (re)loaded: call after ``Gateway.reload``."""
+        self._settings_seen = self.gw.settings
+        self.loaded_at = time.time()
+
+    # -- hooks (see the module docstring) -----------------------------------------------
+
+    def cp_connected(self, conn: ChargePointHandler, session: Session) -> None:
+        settings = self.gw.settings
+        info = presence.client_info(
+            cid=conn.cid, username=basic_username(conn.authorization), ip=conn.peer,
+            peer_port=_peer_port(conn), sock_port=conn.listener.port,
+            subprotocol=conn.version or "", listener=conn.listener.settings.key,
+            auth=conn.auth_method or "anonymous",
+            connected_at=conn.connected_at or time.time(),
+            keepalive=settings.ocpp.default_heartbeat_interval, node=self.node)
+        client = _Client(conn, session, info)
+        self._clients[conn.cid] = client
+        self.metrics.connection_opened(conn.listener.settings.key)
+        # Appended before anything the charge point sends: on the wire before its
+        # BootNotification (the buffer is one FIFO).
+        self._event(conn.cid, presence.CONNECTED,
+                    lambda now: presence.connected_payload(info, now))
+
+    def cp_text(self, cid: str, session: Session) -> None:
+        client = self._clients.get(cid)
+        if client is None:
+            return
+        client.rx += 1
+        client.last_rx = time.time()
+        self._split_counters(client, session, UPSTREAM)
+
+    def backend_rx(self, cid: str, session: Session) -> None:
+        client = self._clients.get(cid)
+        if client is not None:
+            self._split_counters(client, session, DNSTREAM)
+
+    def _split_counters(self, client: _Client, session: Session, direction: str) -> None:
+        # Session.receive_text checks the charge point's messages (upstream) and only it
+        # finds upstream orphans; Session.send does the same for the backend's (dnstream):
+        # what changed during one of them belongs to its direction.
+        counters = session.counters
+        orphans, schema = counters["orphan_replies"], counters["schema_failures"]
+        if orphans != client.orphans:
+            self.metrics.orphan_reply(direction, orphans - client.orphans)
+            client.orphans = orphans
+        if schema != client.schema:
+            self.metrics.schema_failure(direction, schema - client.schema)
+            client.schema = schema
+
+    def to_cp(self, cid: str, text: str) -> None:
+        client = self._clients.get(cid)
+        m = _FRAME_HEAD.match(text)
+        if m is None:  # not a frame of ours; nothing to label it with
+            return
+        type_digit, uid, word = m.groups()
+        name = _TYPE_NAMES[type_digit]
+        action = word if type_digit in ("2", "6") else None
+        if client is not None:
+            client.tx += 1
+            if type_digit in ("3", "4", "5"):  # a reply to one of the charge point's CALLs
+                action = client.calls.pop(uid, None)
+        self.metrics.message(DNSTREAM, name, action)
+        if word is not None and type_digit in ("4", "5"):
+            self.metrics.callerror(DNSTREAM, word)
+
+    def upstream(self, cid: str, msg: Message, action: str | None, accepted: bool) -> None:
+        if isinstance(msg, Call):
+            action = msg.action
+            client = self._clients.get(cid)
+            if client is not None:
+                calls = client.calls
+                calls[msg.unique_id] = action
+                if len(calls) > MAX_LABELLED_CALLS:
+                    del calls[next(iter(calls))]
+        elif isinstance(msg, CallError | CallResultError):
+            self.metrics.callerror(UPSTREAM, msg.error_code)
+        else:
+            action = getattr(msg, "action", None) or action  # SEND carries its own
+        self.metrics.message(UPSTREAM, msg.type_id.name, action)
+        if accepted:
+            self._backlog.appended(len(self.gw.buffer), time.monotonic())
+
+    def cp_gone(self, cid: str, session: Session | None, description: str) -> None:
+        if session is not None:
+            for key in self._retired:
+                self._retired[key] += session.counters[key]
+        client = self._clients.pop(cid, None)
+        if client is None:
+            return
+        reason = presence.reason_code(description)
+        self.metrics.connection_closed(reason)
+        close_code = client.conn.close_code if reason == "sock_closed" else None
+        info = client.info
+        self._event(cid, presence.DISCONNECTED, lambda now: presence.disconnected_payload(
+            info, description, close_code, now))
+
+    def upstream_state(self, up: bool) -> None:
+        self._link_since = time.time()
+        self._ever_up = self._ever_up or up
+
+    def refused(self, conn: ChargePointHandler, refusal: Refusal) -> None:
+        self.metrics.connection_refused(conn.listener.settings.key,
+                                        _REFUSALS.get(refusal.status, "other"))
+
+    # -- presence events -----------------------------------------------------------------
+
+    def _render(self, template: str | None, values: dict[str, str]) -> str | None:
+        if template is None:
+            return None
+        compiled = self._templates.get(template)
+        if compiled is None:
+            allowed = presence.EVENT_PLACEHOLDERS | presence.STATUS_PLACEHOLDERS
+            compiled = self._templates[template] = compile_template(template, allowed)
+        return self.gw.settings.ocpp.mountpoint + compiled.render(values)
+
+    def _event(self, cid: str, event: str, payload) -> None:
+        try:
+            topic = self._render(self.gw.settings.ocpp.event_topic,
+                                 {"cid": cid, "node": self.node, "event": event})
+        except (TopicError, ValueError, KeyError) as exc:
+            log.warning("cp %s: cannot publish the %s event: %s", cid, event, exc)
+            return
+        if topic is None:
+            return
+        buffer = self.gw.buffer
+        if buffer.append(topic, payload(time.time())) is not None:
+            self._backlog.appended(len(buffer), time.monotonic())
+            self.gw.uplink.kick()
+
+    # -- AdminView -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        gw, now = self.gw, time.time()
+        if gw.settings is not self._settings_seen:  # reloaded without config_loaded()
+            self.config_loaded()
+        buffer, uplink, m = gw.buffer, gw.uplink, gw.settings.mqtt
+        state = "connected" if uplink.connected else \
+            "disconnected" if self._ever_up else "connecting"
+        return {
+            "version": __version__,
+            "node": self.node,
+            "started_at": rfc3339(self.started_at),
+            "uptime_seconds": round(now - self.started_at, 3),
+            "config": {"file": gw.settings.source, "loaded_at": rfc3339(self.loaded_at)},
+            "upstream": {
+                "state": state, "connected": uplink.connected,
+                "server": f"{'mqtts' if m.tls else 'mqtt'}://{m.host}:{m.port}",
+                "client_id": m.client_id, "since": rfc3339(self._link_since),
+                "reconnects": uplink.reconnects, "published": uplink.published,
+                "replay_rate": round(self._rate.rate(), 3)},
+            "charge_points": {"connected": len(gw.connections)},
+            "buffer": {
+                "messages": len(buffer), "bytes": buffer.bytes,
+                "oldest_age_seconds": _round(self._backlog.oldest_age(
+                    len(buffer), time.monotonic())),
+                "dropped": buffer.dropped, "max_messages": buffer.max_messages,
+                "max_bytes": buffer.max_bytes, "dir": str(buffer.dir)},
+            "listeners": [{"name": ls.settings.key, "url": ls.url,
+                           "connections": ls.upgraded} for ls in gw.listeners],
+        }
+
+    def clients(self) -> list[dict[str, Any]]:
+        return [self._describe(c) for c in self._clients.values()]
+
+    def client(self, cid: str) -> dict[str, Any] | None:
+        c = self._clients.get(cid)
+        return None if c is None else self._describe(c)
+
+    def _describe(self, c: _Client) -> dict[str, Any]:
+        info, session = c.info, c.session
+        queued = session.queue_length  # strict mode: the CALL in flight + the queue
+        return {
+            "clientid": info["clientid"], "username": info["username"],
+            "protocol": info["subprotocol"], "proto_ver": info["proto_ver"],
+            "listener": info["listener"], "auth": info["auth"],
+            "ip_address": info["ipaddress"], "port": info["peerport"],
+            "connected_at": rfc3339(c.connected_at), "last_message_at": rfc3339(c.last_rx),
+            "messages_in": c.rx, "messages_out": c.tx,
+            "pending_upstream": session.pending_from_cp,
+            "pending_dnstream": 1 if queued else 0, "queue_len": max(0, queued - 1),
+        }
+
+    def kick(self, cid: str) -> bool:
+        # EMQX: DELETE /api/v5/clients/{clientid} → the channel's shutdown(kicked).
+        return self.gw.kick(cid, presence.KICKED)
+
+    def metrics_text(self) -> str:
+        self._pass_on_totals()
+        return self.metrics.render()
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "stopping"
+        for listener in self.gw.listeners:
+            if listener.server is None:
+                return False, f"{listener.settings.key} is not listening"
+        # Answering at all shows that the IOLoop is responsive.
+        return True, "ok"
+
+    # -- totals other objects keep -------------------------------------------------------
+
+    def _pass_on_totals(self) -> None:
+        timeouts = dict(self._retired)
+        for session in self.gw.sessions.values():
+            for key in timeouts:
+                timeouts[key] += session.counters[key]
+        m = self.metrics
+        self._pass(("timeouts", UPSTREAM), timeouts["timeouts_upstream"],
+                   lambda n: m.timeout(UPSTREAM, n))
+        self._pass(("timeouts", DNSTREAM), timeouts["timeouts_dnstream"],
+                   lambda n: m.timeout(DNSTREAM, n))
+        self._pass(("reconnects",), self.gw.uplink.reconnects, m.upstream_reconnect)
+        for listener in self.gw.listeners:
+            key = listener.settings.key
+            for why, count in listener.refused.items():
+                self._pass(("refused", key, why), count,
+                           lambda n, k=key, w=why: m.connection_refused(k, w, n))
+
+    def _pass(self, key: tuple, total: int, count) -> None:
+        before = self._passed.get(key, 0)
+        if total > before:
+            count(total - before)
+            self._passed[key] = total
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
