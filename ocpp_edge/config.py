@@ -36,6 +36,7 @@ except ImportError:  # older layouts as a top-level module.
 
 from ocpp_edge import tls as _tls
 from ocpp_edge.errors import ConfigError
+from ocpp_edge.presence import EVENT_PLACEHOLDERS, STATUS_PLACEHOLDERS
 from ocpp_edge.router import DNSTREAM_PLACEHOLDERS, UPSTREAM_PLACEHOLDERS, compile_template
 from ocpp_edge.tls import TlsSettings
 
@@ -111,6 +112,8 @@ class OcppSettings:
     json_schema_dir: str | None                 # None: the schemas shipped with ocpp-edge
     json_schema_id_prefix: str
     upstream_down_policy: str                   # "buffer" | "close_stations"
+    status_topic: str | None                    # gateway status (retained); None: off
+    event_topic: str | None                     # charge point events; None: off
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,20 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    listen: Listen | None       # None: the admin endpoint is off
+    token_file: str | None
+    token: str | None           # read from token_file; None: loopback without a token
+
+
+@dataclass(frozen=True)
 class Settings:
     ocpp: OcppSettings
     mqtt: MqttSettings
     buffer: BufferSettings
     auth: AuthSettings
     log: LogSettings
+    admin: AdminSettings
     source: str                 # path of the file, or "<string>"
 
 
@@ -292,6 +303,17 @@ def check_listen(value):
     return Listen(m["v6"] or m["host"] or "0.0.0.0", int(m["port"]))
 
 
+def check_admin_listen(value):
+    """As ``check_listen``, but a bare port is on loopback (127.0.0.1): the admin
+    endpoint can disconnect charge points, so it is reachable from elsewhere only when
+    an address says so (and then a token is required, see ``_admin_checks``)."""
+    text = _scalar(value)
+    listen = check_listen(text)
+    if listen is not None and text.isdigit():
+        return Listen("127.0.0.1", listen.port)
+    return listen
+
+
 def check_url_path(value):
     text = _scalar(value)
     if not text.startswith("/"):
@@ -336,7 +358,10 @@ def check_mountpoint(value):
 def check_topic_template(value, kind):
     """A topic template (``kind`` is ``upstream`` or ``dnstream``); returns the text."""
     text = _scalar(value)
-    allowed = UPSTREAM_PLACEHOLDERS if kind == "upstream" else DNSTREAM_PLACEHOLDERS
+    if kind in ("status", "event") and text.lower() == "off":
+        return None  # the presence topics can be turned off (see presence.py)
+    allowed = {"upstream": UPSTREAM_PLACEHOLDERS, "dnstream": DNSTREAM_PLACEHOLDERS,
+               "status": STATUS_PLACEHOLDERS, "event": EVENT_PLACEHOLDERS}[kind]
     try:
         compile_template(text, allowed)
     except ValueError as exc:
@@ -478,6 +503,7 @@ _CHECKS = {
     "schema_dir": check_schema_dir, "state_dir": check_state_dir,
     "optional_boolean": check_optional_boolean, "file": check_file,
     "tls_versions": check_tls_versions, "ciphers": check_ciphers,
+    "admin_listen": check_admin_listen,
 }
 
 _SPEC_LINES = (resources.files("ocpp_edge") / "configspec.ini").read_text("utf-8").splitlines()
@@ -654,15 +680,18 @@ def load_text(text: str, source: str = "<string>") -> Settings:
                      for key, result in results.items() if result is not True]
     listeners: tuple[ListenerSettings, ...] = ()
     mqtt_password: str | None = None
+    admin_token: str | None = None
     if not problems:
         problems = _cross_checks(checked, key_lines)
         listeners, more = _listeners(checked, values, key_lines)
         problems += more
         mqtt_password, more = _mqtt_checks(checked, key_lines)
         problems += more
+        admin_token, more = _admin_checks(checked, key_lines)
+        problems += more
     if problems:
         _raise(problems, source)
-    return _settings(checked, overrides, listeners, mqtt_password, source)
+    return _settings(checked, overrides, listeners, mqtt_password, source, admin_token)
 
 
 def _named_listener_spec(key: str) -> tuple[str | None, str | None]:
@@ -796,6 +825,39 @@ def _mqtt_checks(v: ConfigObj, key_lines: dict[str, int]) -> tuple[str | None, l
     return password, problems
 
 
+def _admin_checks(v: ConfigObj, key_lines: dict[str, int]) -> tuple[str | None, list[_Problem]]:
+    """The admin token (from admin.token_file) and the problems of the admin.* keys and
+    of the presence topics' ${node} (the MQTT client id)."""
+    from ocpp_edge.admin import is_loopback, load_token  # tornado: only when needed
+
+    problems: list[_Problem] = []
+    token = None
+    listen, token_file = v["admin.listen"], v["admin.token_file"]
+    if token_file is not None:
+        try:
+            token = load_token(token_file)
+        except ConfigError as exc:
+            key = "admin.token_file"
+            problems.append(_Problem(key_lines.get(key), key, exc.reason))
+    # Issue "Operations": loopback by default; a bearer token when bound elsewhere.
+    if listen is not None and token_file is None and not is_loopback(listen.host):
+        key = "admin.listen"
+        problems.append(_Problem(key_lines.get(key), key, (
+            f"{listen.host}:{listen.port} can be reached from other machines, and the "
+            "admin endpoint lets its callers disconnect charge points: set "
+            "admin.token_file (a file holding a random token, e.g. head -c 32 "
+            "/dev/urandom | base64 > /etc/ocpp-edge/admin.token; chmod 600) or listen "
+            "on 127.0.0.1")))
+    node = v["mqtt.client_id"]
+    for key in ("ocpp.upstream.status_topic", "ocpp.upstream.event_topic"):
+        if v[key] is not None and "${node}" in v[key] and (set(node) & set("/+#\x00")):
+            problems.append(_Problem(key_lines.get(key) or key_lines.get("mqtt.client_id"),
+                                     key, f"uses ${{node}}, the MQTT client id {node!r}, "
+                                     "which cannot be a topic level ('/', '+' or '#' in "
+                                     "it); change mqtt.client_id or this topic"))
+    return token, problems
+
+
 def _cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[_Problem]:
     problems = []
     if v["ocpp.default_subprotocol"] not in v["ocpp.subprotocols"]:
@@ -850,7 +912,8 @@ def _cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[_Problem]:
 
 
 def _settings(v: ConfigObj, overrides: dict[str, str], listeners: tuple[ListenerSettings, ...],
-              mqtt_password: str | None, source: str) -> Settings:
+              mqtt_password: str | None, source: str,
+              admin_token: str | None = None) -> Settings:
     tls, host, port = v["mqtt.server"]
     return Settings(
         ocpp=OcppSettings(
@@ -883,6 +946,8 @@ def _settings(v: ConfigObj, overrides: dict[str, str], listeners: tuple[Listener
             json_schema_dir=v["ocpp.json_schema_dir"],
             json_schema_id_prefix=v["ocpp.json_schema_id_prefix"],
             upstream_down_policy=v["ocpp.upstream_down_policy"],
+            status_topic=v["ocpp.upstream.status_topic"],
+            event_topic=v["ocpp.upstream.event_topic"],
         ),
         mqtt=MqttSettings(
             host=host,
@@ -918,5 +983,7 @@ def _settings(v: ConfigObj, overrides: dict[str, str], listeners: tuple[Listener
             failure_window=v["auth.failure_window"],
         ),
         log=LogSettings(level=v["log.level"]),
+        admin=AdminSettings(listen=v["admin.listen"], token_file=v["admin.token_file"],
+                            token=admin_token),
         source=source,
     )

@@ -40,6 +40,7 @@ from ocpp_edge.diskbuffer import DiskBuffer
 from ocpp_edge.mqtt_uplink import MqttUplink
 from ocpp_edge.ocppj.errors import FormatViolation
 from ocpp_edge.ocppj.messages import Call, CallError, Message
+from ocpp_edge.ops import Operations
 from ocpp_edge.router import DownstreamError, Router, TopicError, parse_downstream, upstream_payload
 from ocpp_edge.session import (
     CloseConnection,
@@ -131,6 +132,8 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Told when a charge point comes or goes or the upstream link changes (STATUS=).
         self.on_change: Callable[[], None] = lambda: None
+        # The admin endpoint, metrics and presence on MQTT; told as things happen (ops.py).
+        self.ops = Operations(self)
 
     def _server_options(self, o: OcppSettings) -> ServerOptions:
         return ServerOptions(
@@ -163,6 +166,7 @@ class Gateway:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.ops.start()  # the admin endpoint, on this loop (before the charge points')
         path = self.settings.ocpp.path
         for listener in self.listeners:
             listen = listener.settings.listen
@@ -191,6 +195,7 @@ class Gateway:
             self._loop.call_soon(self._warm_up)  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        self.ops.stop()
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.stop()  # no new connections
@@ -236,7 +241,9 @@ class Gateway:
         fixed = {"message_format_checking": "ocpp.message_format_checking",
                  "json_schema_dir": "ocpp.json_schema_dir",
                  "json_schema_id_prefix": "ocpp.json_schema_id_prefix",
-                 "upstream_down_policy": "ocpp.upstream_down_policy"}
+                 "upstream_down_policy": "ocpp.upstream_down_policy",
+                 # the retained status is the MQTT will, fixed when the connection opens
+                 "status_topic": "ocpp.upstream.status_topic"}
         restart += [key for field, key in fixed.items()
                     if getattr(o, field) != getattr(n, field)]
         keep = {field: getattr(o, field) for field in fixed}
@@ -288,6 +295,7 @@ class Gateway:
         for conn in self.connections.values():
             conn.options = self.options
         self.settings = effective
+        self.ops.config_loaded()
         return restart
 
     # -- charge points (Hub) ---------------------------------------------------------------
@@ -302,6 +310,7 @@ class Gateway:
         if isinstance(decision, Accepted):
             conn.auth_method = decision.method
             return None
+        self.ops.refused(conn, decision)
         return decision
 
     def cp_connected(self, conn: ChargePointHandler) -> None:
@@ -318,6 +327,7 @@ class Gateway:
         self._arm(conn.cid)
         log.info("cp %s: connected from %s using %s (%s, %s)", conn.cid, conn.peer,
                  conn.version, conn.listener.settings.key, conn.auth_method)
+        self.ops.cp_connected(conn, self.sessions[conn.cid])
         self.on_change()
 
     def cp_text(self, conn: ChargePointHandler, text: str) -> None:
@@ -326,6 +336,7 @@ class Gateway:
             return  # a replaced connection's last words
         try:
             self._apply(session, session.receive_text(text, self.now()))
+            self.ops.cp_text(conn.cid, session)
         except Exception:  # a bug must cost one connection, never the gateway
             log.exception("cp %s: internal error handling a message; closing", conn.cid)
             conn.close_and_forget(CLOSE_INTERNAL_ERROR, "internal error")
@@ -336,6 +347,15 @@ class Gateway:
             log.info("cp %s: disconnected (code %s)", conn.cid, conn.close_code)
             self._end_session(conn.cid, f"connection closed, code {conn.close_code}")
 
+    def kick(self, cid: str, reason: str) -> bool:
+        """Close ``cid``'s connection with 1000 (EMQX's kick); False if not connected."""
+        conn = self.connections.get(cid)
+        if conn is None:
+            return False
+        conn.close_and_forget(CLOSE_NORMAL, reason)
+        self._end_session(cid, reason)
+        return True
+
     def _end_session(self, cid: str, reason: str) -> None:
         self.connections.pop(cid, None)
         session = self.sessions.pop(cid, None)
@@ -344,15 +364,18 @@ class Gateway:
             timer[1].cancel()
         if session is not None:
             self._apply(session, session.close(reason))
+        self.ops.cp_gone(cid, session, reason)
         self.on_change()
 
     def _apply(self, session: Session, effects: list[Effect]) -> None:
         cid = session.cid
+        closed: str | None = None
         for effect in effects:
             if isinstance(effect, ToChargePoint):
                 conn = self.connections.get(cid)
                 if conn is not None and self.sessions.get(cid) is session:
-                    conn.send_text(effect.text)
+                    if conn.send_text(effect.text):
+                        self.ops.to_cp(cid, effect.text)
             elif isinstance(effect, ToBackend):
                 try:
                     self._publish(cid, session.version, effect.message, effect.action)
@@ -369,6 +392,10 @@ class Gateway:
                     conn.close_and_forget(effect.code, effect.reason)
                     self.connections.pop(cid, None)
                     self.sessions.pop(cid, None)
+                    closed = effect.reason
+        if closed is not None:  # after the CALLERRORs that close() produced, as in _end_session
+            self.ops.cp_gone(cid, session, closed)
+            self.on_change()
         if self.sessions.get(cid) is session:
             self._arm(cid)
 
@@ -394,7 +421,9 @@ class Gateway:
         topic = self.router.upstream_topic(cid, proto, msg, action)
         payload = _json.encode(upstream_payload(msg, action)).encode()
         important = isinstance(msg, Call) and msg.action in TRANSACTION_ACTIONS
-        if self.buffer.append(topic, payload, important) is not None:
+        accepted = self.buffer.append(topic, payload, important) is not None
+        self.ops.upstream(cid, msg, action, accepted)
+        if accepted:
             self.uplink.kick()
         # A charge point flooding frames keeps Tornado's read loop from returning to the
         # event loop, so the commit timer alone could starve: the fsync window is also
@@ -422,6 +451,7 @@ class Gateway:
             self._schedule_commit()
 
     def _upstream_state(self, up: bool) -> None:
+        self.ops.upstream_state(up)
         self.on_change()
         if not self.close_stations:
             return
@@ -468,6 +498,7 @@ class Gateway:
                          msg.unique_id)
             return
         self._apply(session, session.send(msg, self.now()))
+        self.ops.backend_rx(cid, session)
 
     def _answer_backend(self, cid: str, proto: str, unique_id: str, action: str | None,
                         code: str, description: str) -> None:

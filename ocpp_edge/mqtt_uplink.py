@@ -34,6 +34,7 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from tornado.ioloop import IOLoop, PeriodicCallback
@@ -49,6 +50,19 @@ CONNECT_TIMEOUT = 10.0  # seconds for TCP connect, and again for the CONNACK
 def _rc(value: object) -> int:
     """paho 1.x passes ints, 2.x ReasonCode objects; both compare by value."""
     return int(getattr(value, "value", value))  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class StatusTopic:
+    """A retained status topic (presence.py): ``online()`` is published on every
+    connection before anything from the buffer, ``will`` is left with the broker as the
+    MQTT will (MQTT 3.1.1 §3.1.2.5: published when the connection is lost without a
+    DISCONNECT), ``stopped()`` is published before a clean DISCONNECT."""
+
+    topic: str
+    online: Callable[[], bytes]
+    will: bytes
+    stopped: Callable[[], bytes]
 
 
 def _new_paho_client(client_id: str, clean_session: bool) -> mqtt.Client:
@@ -82,6 +96,7 @@ class MqttUplink:
         self.subscriptions = subscriptions
         self.on_message = on_message
         self.on_state = on_state or (lambda up: None)
+        self.status: StatusTopic | None = None  # set before start() (ops.py)
         self.replay_rate = replay_rate  # messages/s, 0: no limit
         self._tokens = float(replay_rate)
         self._tokens_at = 0.0
@@ -118,6 +133,10 @@ class MqttUplink:
         if self._rate_handle:
             self._rate_handle.cancel()
         if self._client is not None:
+            if self.connected and self.status is not None:
+                # A clean DISCONNECT discards the will: say offline ourselves, first.
+                self._client.publish(self.status.topic, self.status.stopped(), self.qos,
+                                     retain=True)
             self._client.disconnect()  # DISCONNECT goes out via loop_write, then closes
             if not self.connected:
                 self._close_socket()  # nothing to say to a broker that never answered
@@ -208,6 +227,8 @@ class MqttUplink:
         client.max_inflight_messages_set(0)
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
+        if self.status is not None:
+            client.will_set(self.status.topic, self.status.will, self.qos, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -329,6 +350,9 @@ class MqttUplink:
             self.reconnects += 1
         self._attempt = 0
         self.connected = True
+        if self.status is not None:
+            # Not a buffer record: its mid is not in _inflight, so its ack is ignored.
+            client.publish(self.status.topic, self.status.online(), self.qos, retain=True)
         for topic_filter, qos in self.subscriptions:
             client.subscribe(topic_filter, qos)
         log.info("MQTT connected to %s:%d as %r; %d message(s) buffered",

@@ -184,6 +184,10 @@ class GatewayProcess:
             # Most tests are about OCPP, not authentication (tests/test_security.py is).
             "auth.allow_anonymous": "true",
             "auth.password_file": "",
+            # ... nor about presence on MQTT and the admin endpoint (tests/test_ops.py is).
+            "ocpp.upstream.status_topic": "off",
+            "ocpp.upstream.event_topic": "off",
+            "admin.listen": "off",
         }
         for line in extra.splitlines():  # a test's own settings win
             key, sep, value = line.partition("=")

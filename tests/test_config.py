@@ -30,7 +30,8 @@ KEYS = [
     "ocpp.ping_interval", "ocpp.ping_timeout", "ocpp.default_heartbeat_interval",
     "ocpp.heartbeat_checking_times_backoff", "ocpp.mountpoint",
     "ocpp.upstream.topic", "ocpp.upstream.reply_topic", "ocpp.upstream.error_topic",
-    "ocpp.dnstream.topic", "ocpp.upstream.strict_mode", "ocpp.upstream.awaiting_timeout",
+    "ocpp.dnstream.topic", "ocpp.upstream.status_topic", "ocpp.upstream.event_topic",
+    "ocpp.upstream.strict_mode", "ocpp.upstream.awaiting_timeout",
     "ocpp.dnstream.strict_mode", "ocpp.dnstream.max_mqueue_len",
     "ocpp.dnstream.awaiting_timeout", "ocpp.dnstream.retry_interval",
     "ocpp.dnstream.max_retries", "ocpp.message_format_checking", "ocpp.json_schema_dir",
@@ -42,6 +43,7 @@ KEYS = [
     "auth.max_failures", "auth.failure_window", "ocpp.upstream_down_policy", "buffer.dir",
     "buffer.max_messages", "buffer.max_bytes",
     "buffer.overflow", "buffer.fsync_interval", "buffer.replay_rate", "log.level",
+    "admin.listen", "admin.token_file",
 ]
 
 FILLER = "# a comment\n\nocpp.upstream.topic.Heartbeat = cp/${cid}/hb\n"  # tested lines start at 4
@@ -83,7 +85,8 @@ def test_defaults():
         dnstream_max_mqueue_len=100, dnstream_awaiting_timeout=30.0,
         dnstream_retry_interval=30.0, dnstream_max_retries=0, message_format_checking="all",
         json_schema_dir=None, json_schema_id_prefix="urn:OCPP:1.6:2019:12:",
-        upstream_down_policy="buffer")
+        upstream_down_policy="buffer", status_topic="sys/${node}/status",
+        event_topic="sys/${node}/clients/${cid}/${event}")
     assert s.mqtt == config.MqttSettings(
         host="127.0.0.1", port=1883, client_id=f"ocpp-edge-{socket.gethostname()}",
         username=None, password=None, tls=False, cacertfile=None, certfile=None,
@@ -96,6 +99,8 @@ def test_defaults():
         password_file="/etc/ocpp-edge/passwords", allow_anonymous=False,
         known_ids_only=False, max_failures=10, failure_window=60.0)
     assert s.log == config.LogSettings("info")
+    assert s.admin == config.AdminSettings(listen=Listen("127.0.0.1", 33080), token_file=None,
+                                           token=None)
     assert s.source == "<string>"
 
 
@@ -866,3 +871,72 @@ def test_host_names_the_resolver_cannot_take(host):
     with pytest.raises(ConfigError) as info:
         load_text(f"mqtt.server = mqtt://{host}:1883\n")
     assert info.value.key == "mqtt.server" and "not a valid host name" in str(info.value)
+
+
+# -- admin endpoint and presence topics (issue "Operations") ------------------------------
+
+@pytest.mark.parametrize("text, listen", [
+    ("off", None), ("OFF", None), ("127.0.0.1:9000", Listen("127.0.0.1", 9000)),
+    ("9000", Listen("127.0.0.1", 9000)),  # a bare port is loopback, unlike the listeners
+    ("[::1]:9000", Listen("::1", 9000)), ("localhost:9000", Listen("localhost", 9000)),
+])
+def test_admin_listen(text, listen):
+    assert one("admin.listen", text).admin.listen == listen
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:33080", "192.168.1.10:33080", "[::]:33080",
+                                     "gateway.local:33080"])
+def test_admin_listen_reachable_from_elsewhere_needs_a_token(address):
+    err = error_of(FILLER + f"admin.listen = {address}\n")
+    assert (err.key, err.line) == ("admin.listen", 4)
+    assert "admin.token_file" in str(err) and "x.conf:4" in str(err)
+
+
+def test_admin_token_file_is_read_and_checked(tmp_path):
+    token = tmp_path / "admin.token"
+    token.write_text("0123456789abcdef0123\n")
+    token.chmod(0o600)
+    s = load_text(f"admin.listen = 0.0.0.0:33080\nadmin.token_file = {token}\n")
+    assert s.admin == config.AdminSettings(listen=Listen("0.0.0.0", 33080),
+                                           token_file=str(token),
+                                           token="0123456789abcdef0123")
+    token.chmod(0o644)
+    err = error_of(FILLER + f"admin.token_file = {token}\n")
+    assert (err.key, err.line) == ("admin.token_file", 4)
+    assert "chmod 600" in str(err)
+    err = error_of(FILLER + f"admin.token_file = {tmp_path / 'missing'}\n")
+    assert (err.key, err.line) == ("admin.token_file", 4)
+    assert "does not exist" in str(err)
+
+
+def test_admin_token_file_must_be_absolute():
+    err = error_of(FILLER + "admin.token_file = admin.token\n")
+    assert (err.key, err.line) == ("admin.token_file", 4)
+
+
+@pytest.mark.parametrize("key", ["ocpp.upstream.status_topic", "ocpp.upstream.event_topic"])
+def test_presence_topics_can_be_off(key):
+    s = one(key, "off")
+    assert getattr(s.ocpp, key.split(".")[-1]) is None
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("ocpp.upstream.status_topic", "gw/${cid}/status", "unknown placeholder ${cid}"),
+    ("ocpp.upstream.event_topic", "ev/${action}", "unknown placeholder ${action}"),
+    ("ocpp.upstream.event_topic", "ev/+/x", "cannot contain '+'"),
+    ("ocpp.upstream.status_topic", "", "cannot be empty"),
+])
+def test_presence_topic_errors_name_key_and_line(key, value, words):
+    err = error_of(FILLER + f"{key} = {value}\n")
+    assert (err.key, err.line) == (key, 4)
+    assert words in str(err)
+
+
+def test_presence_topics_render_node_from_the_client_id():
+    s = load_text("ocpp.upstream.event_topic = e/${node}/${clientid}/${event}\n")
+    assert s.ocpp.event_topic == "e/${node}/${clientid}/${event}"
+    err = error_of(FILLER + "mqtt.client_id = site/gw+1\n")
+    assert err.key == "ocpp.upstream.status_topic" and "mqtt.client_id" in str(err)
+    s = load_text("mqtt.client_id = site/gw+1\nocpp.upstream.status_topic = gw/status\n"
+                  "ocpp.upstream.event_topic = off\n")
+    assert s.mqtt.client_id == "site/gw+1"
