@@ -77,9 +77,11 @@ async def _run(settings) -> int:
     notifier = Notifier()
     try:
         gateway = Gateway(settings)
+        service = Service(gateway, notifier, settings.source)
+        service.handle_signals()
         await gateway.start()
     except (OSError, SchemaError, OcppEdgeError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     log.info("ocpp-edge %s running (config %s)", __version__, settings.source)
-    return await Service(gateway, notifier, settings.source).run()
+    return await service.run()

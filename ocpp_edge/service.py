@@ -43,6 +43,8 @@ class Service:
         self.reload_problem: str | None = None  # set while the last reload failed
         self._stop = asyncio.Event()
         self._status_handle: asyncio.TimerHandle | None = None
+        self._running = False  # READY=1 sent; before that a SIGHUP waits
+        self._reload_pending = False
 
     def status(self) -> str:
         text = self.gateway.status_text()
@@ -50,16 +52,25 @@ class Service:
             text += f"; {self.reload_problem}"
         return text
 
-    async def run(self) -> int:
+    def handle_signals(self) -> None:
+        """Install the handlers; call before ``Gateway.start`` so that a SIGTERM that
+        comes while the listeners are being bound is a clean stop, not a crash."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def run(self) -> int:
+        """After ``Gateway.start``: READY=1, then serve until SIGTERM/SIGINT."""
+        loop = asyncio.get_running_loop()
         self.gateway.on_change = self.refresh_status
         self.notifier.ready(self.status())
         self.notifier.start_watchdog(loop)
         if self.notifier.enabled:
             self._tick()
+        self._running = True
+        if self._reload_pending:
+            self.reload()
         await self._stop.wait()
         return await self.stop()
 
@@ -71,6 +82,10 @@ class Service:
         self._status_handle = asyncio.get_running_loop().call_later(STATUS_PERIOD, self._tick)
 
     def reload(self) -> None:
+        if not self._running:  # no RELOADING=1 before READY=1
+            log.info("SIGHUP during start-up: reloading once started")
+            self._reload_pending = True
+            return
         log.info("SIGHUP: reloading %s", self.config_path)
         self.notifier.reloading(f"reloading {self.config_path}")
         try:

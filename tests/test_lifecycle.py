@@ -61,6 +61,7 @@ def run_and_stop(tmp_path, journal: bool) -> str:
                     f"buffer.dir = {tmp_path / 'buffer'}\n"
                     # a file that does not exist yet: a warning at start-up
                     f"auth.password_file = {tmp_path / 'passwords'}\n"
+                    "admin.listen = off\n"
                     "log.level = info\n")
     err_path = tmp_path / ("journal.txt" if journal else "stderr.txt")
     with open(err_path, "wb") as err:
