@@ -23,7 +23,8 @@ The order of the checks, and why:
    A00.FR.2xx): the user name must equal the id and the password must match the entry in
    the password file; otherwise 401 with ``WWW-Authenticate``.
 5. Nothing presented: accepted only where anonymous charge points are allowed
-   (``auth.allow_anonymous`` or the listener's own ``allow_anonymous``); otherwise 401.
+   (``auth.allow_anonymous`` or the listener's own ``allow_anonymous``) and only for an
+   id with no password on record; otherwise 401.
 """
 
 from __future__ import annotations
@@ -217,5 +218,10 @@ class Authenticator:
                 return Accepted("password")
             return _unauthorized("wrong password or no password on record for this id")
         if allow_anonymous:
+            # An id with a password on record must present it, even here: otherwise
+            # anybody reaching an anonymous listener could take its place (a second
+            # connection replaces the first, SPEC "Connection").
+            if self.credentials.known(cid):
+                return _unauthorized("this id has a password on record and presented none")
             return Accepted("anonymous")
         return _unauthorized("no credentials (anonymous charge points are not allowed)")

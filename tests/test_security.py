@@ -446,6 +446,14 @@ def test_mixed_listener_takes_a_certificate_or_a_password(site):
     assert_unauthorized(upgrade(port, "/ocpp/CP-P2", tls=client_tls(site.pki)))
 
 
+def test_anonymous_listener_cannot_impersonate_an_id_with_a_password(site):
+    port = site.ports["open"]
+    assert_switched(upgrade(port, "/ocpp/CP-NOPASS"))  # no entry: anonymous is allowed
+    assert_unauthorized(upgrade(port, "/ocpp/CP-P1"))  # has a password: must present it
+    assert_switched(upgrade(port, "/ocpp/CP-P1", authorization=basic("CP-P1",
+                                                                     site.pki.key_p1)))
+
+
 def test_every_listener_enforces_its_own_profile(site):
     """One process, six listeners, the same requests: each answers by its own profile."""
     p, cert_a = site.pki, site.pki.clients["CP-A"]
