@@ -55,7 +55,9 @@ class SchemaError(Exception):
 
 def default_schema_dir() -> Path | None:
     for candidate in _DEFAULT_DIRS:
-        if candidate.is_dir():
+        # Ours only if it holds the 1.6 schemas: an installed system has no source tree,
+        # and another package's top-level "schemas" folder must not be taken for it.
+        if (candidate / "ocpp1.6").is_dir():
             return candidate
     return None
 
