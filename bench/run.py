@@ -35,7 +35,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SYSTEMS = ("floor", "ocpp-edge")
+SYSTEMS = ("floor", "ocpp-edge", "refbridge")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -342,6 +342,9 @@ class SystemRun:
         if self.name == "floor":
             argv = [a.python, os.path.join(BENCH, "floor.py"), "--ws", f"127.0.0.1:{ws_port}",
                     "--mqtt", f"127.0.0.1:{mqtt_port}", "--paho-writes", a.floor_writes]
+        elif self.name == "refbridge":            # bench/refbridge.py: the `ocpp` library
+            argv = [a.python, os.path.join(BENCH, "refbridge.py"), "--ws",
+                    f"127.0.0.1:{ws_port}", "--mqtt", f"127.0.0.1:{mqtt_port}"]
         else:
             keys = [("ocpp.listener.ws", f"127.0.0.1:{ws_port}"),
                     ("mqtt.server", f"mqtt://127.0.0.1:{mqtt_port}"),
@@ -607,7 +610,7 @@ def problems(p):
 def render(report):
     """(markdown table, list of notes) for a finished report."""
     runs = {r["system"]: r for r in report["systems"] if "error" not in r}
-    f, g = runs.get("floor"), runs.get("ocpp-edge")
+    f, g, b = runs.get("floor"), runs.get("ocpp-edge"), runs.get("refbridge")
     a = report["args"]
     sut_cpu, load_cpu = a["sut_cpu"], a["load_cpu"]
 
@@ -623,10 +626,12 @@ def render(report):
         return "*" if run and phase in run and disturbed(run[phase]) else ""
 
     def row(label, phase, key, spec="{:,.0f}", with_ratio=True):
-        fv, gv = get(f, phase, key), get(g, phase, key)
-        fm, gm = mark(f, phase), mark(g, phase)
+        fv, gv, bv = get(f, phase, key), get(g, phase, key), get(b, phase, key)
+        fm, gm, bm = mark(f, phase), mark(g, phase), mark(b, phase)
         r = ratio(gv, fv) + (fm or gm) if with_ratio else ""
-        rows.append(f"| {label} | {fmt(fv, spec)}{fm} | {fmt(gv, spec)}{gm} | {r} |")
+        rb = ratio(gv, bv) + (bm or gm) if with_ratio else ""
+        rows.append(f"| {label} | {fmt(fv, spec)}{fm} | {fmt(gv, spec)}{gm} | "
+                    f"{fmt(bv, spec)}{bm} | {r} | {rb} |")
 
     def load_side(run, phase):
         per_call = get(run, phase, "load_side_cpu_us_per_call")
@@ -645,7 +650,8 @@ def render(report):
         row(f"closed loop: CPU {load_cpu} (load side) busy %", "closed",
             "load_core_busy_pct", "{:.0f}", False)
         rows.append("| closed loop: load side CPU µs per CALL (broker+backend+loadgen) | "
-                    f"{fmt(load_side(f, 'closed'))} | {fmt(load_side(g, 'closed'))} | |")
+                    f"{fmt(load_side(f, 'closed'))} | {fmt(load_side(g, 'closed'))} | "
+                    f"{fmt(load_side(b, 'closed'))} | | |")
         row("closed loop: round trip p50 ms", "closed", "lat_p50_ms", "{:.1f}")
         row("closed loop: round trip p99 ms", "closed", "lat_p99_ms", "{:.1f}")
         row(f"SUT RSS MB with {c} CPs connected", "closed", "sut_rss_mb_end", "{:.1f}")
@@ -655,9 +661,10 @@ def render(report):
                 return None
             return (run["closed"]["sut_rss_mb_end"] - run["sut_rss_mb_idle"]) * 1024 / c
 
-        fk, gk = per_cp_kb(f), per_cp_kb(g)
+        fk, gk, bk = per_cp_kb(f), per_cp_kb(g), per_cp_kb(b)
         rows.append(f"| SUT RSS growth per connected CP, KB (idle → {c} CPs) | "
-                    f"{fmt(fk, '{:.1f}')} | {fmt(gk, '{:.1f}')} | {ratio(gk, fk)} |")
+                    f"{fmt(fk, '{:.1f}')} | {fmt(gk, '{:.1f}')} | {fmt(bk, '{:.1f}')} | "
+                    f"{ratio(gk, fk)} | {ratio(gk, bk)} |")
     if a["open_duration"] > 0:
         row(f"open loop, {a['open_rate']:g} CALLs/s over {o} CPs: answered CALLs/s",
             "open", "answered_per_s", "{:,.1f}", False)
@@ -668,25 +675,25 @@ def render(report):
         row(f"open loop: CPU {sut_cpu} used by other processes %", "open",
             "sut_core_foreign_pct", "{:.0f}", False)
 
-    rows.append(f"| start-up: first Heartbeat answered after s | "
-                f"{fmt(f and f.get('ready_after_s'), '{:.1f}')} | "
-                f"{fmt(g and g.get('ready_after_s'), '{:.1f}')} | |")
+    rows.append("| start-up: first Heartbeat answered after s | " + " | ".join(
+        fmt(r and r.get("ready_after_s"), "{:.1f}") for r in (f, g, b)) + " | | |")
 
     def n_problems(run):
         if run is None:
             return None
         return sum(sum(problems(run[ph]).values()) for ph in ("closed", "open") if ph in run)
 
-    rows.append(f"| CALLs lost / errored / unmatched (all phases) | {fmt(n_problems(f))} | "
-                f"{fmt(n_problems(g))} | |")
-    if any(mark(run, ph) for run in (f, g) for ph in ("closed", "open")):
+    rows.append("| CALLs lost / errored / unmatched (all phases) | " + " | ".join(
+        fmt(n_problems(r)) for r in (f, g, b)) + " | | |")
+    if any(mark(run, ph) for run in (f, g, b) for ph in ("closed", "open")):
         rows.append("| \\* other processes used >5 % of CPU 0 or >15 % of CPU 1 during "
-                    "that phase: not a clean figure | | | |")
-    head = [f"| metric (CALL: {a['action']}) | floor | ocpp-edge | ocpp-edge / floor |",
-            "|---|---:|---:|---:|"]
+                    "that phase: not a clean figure | | | | | |")
+    head = [f"| metric (CALL: {a['action']}) | floor | ocpp-edge | reference bridge | "
+            "ocpp-edge / floor | ocpp-edge / ref. bridge |",
+            "|---|---:|---:|---:|---:|---:|"]
 
     notes = []
-    for run in (f, g):
+    for run in (f, g, b):
         if run is None:
             continue
         name = run["system"]
@@ -751,7 +758,7 @@ def parse_args():
         epilog="The default run (make bench) takes about 2 minutes for both systems.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated subset of floor,ocpp-edge")
+                    help="comma-separated subset of floor,ocpp-edge,refbridge")
     ap.add_argument("--python", default=default_python(),
                     help="interpreter for the SUT and the helpers "
                          "(default: ROOT/.venv/bin/python if it exists, else this one)")
@@ -797,7 +804,13 @@ def parse_args():
                          "directory) instead of the working tree")
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--smoke", action="store_true",
+                    help="short smoke run: 5 s closed and open windows, no quiet wait, "
+                         "no retries (overrides those options)")
     args = ap.parse_args()
+    if args.smoke:
+        args.closed_duration = args.open_duration = 5.0
+        args.quiet_wait, args.retries = 0.0, 0
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for s in args.systems:
         if s not in SYSTEMS:
