@@ -1,7 +1,8 @@
-"""ocpp-edge benchmark driver: the floor and ocpp-edge side by side, in one run.
+"""ocpp-edge benchmark driver: the floor, ocpp-edge and the reference bridge side by side.
 
 For each system under test (SUT) -- ``floor`` (bench/floor.py, a bare WebSocket<->MQTT
-forwarder) and ``ocpp-edge`` (``python -m ocpp_edge --config <generated>``) -- this script
+forwarder), ``ocpp-edge`` (``python -m ocpp_edge --config <generated>``) and ``refbridge``
+(bench/refbridge.py, an asyncio bridge on the PyPI ``ocpp`` library and paho) -- this script
 
   1. starts a fresh Mosquitto on a free 127.0.0.1 port (persistence off, no in-flight limit),
   2. starts bench/backend.py (answers every CALL at once over MQTT),
