@@ -150,8 +150,7 @@ def test_daemon_page_names_every_option_and_command():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_page_formats_without_warnings_groff(page):
-    if not shutil.which("groff"):
-        pytest.skip("groff is not installed")
+    assert shutil.which("groff"), "groff is missing: `make test` installs it (man-tools)"
     r = subprocess.run(["groff", "-man", "-ww", "-z", str(page)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
@@ -159,8 +158,7 @@ def test_page_formats_without_warnings_groff(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_page_formats_without_warnings_man(page):
-    if not shutil.which("man"):
-        pytest.skip("man is not installed")
+    assert shutil.which("man"), "man is missing: `make test` installs it (man-tools)"
     env = dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8", MAN_DISABLE_SECCOMP="1")
     r = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l", str(page)],
                        capture_output=True, text=True, timeout=60, env=env)
