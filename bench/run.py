@@ -375,6 +375,8 @@ class SystemRun:
                 f.write(text)
             self.result["gateway_config"] = text
             argv = [a.python, "-m", "ocpp_edge", "--config", conf]
+            if a.cprofile:
+                argv[1:1] = ["-m", "cProfile", "-o", os.path.abspath(a.cprofile)]
             return self.kids.start(f"sut-{self.name}", argv, a.sut_cpu, cwd=a.gw_src)
         return self.kids.start(f"sut-{self.name}", argv, a.sut_cpu)
 
@@ -806,6 +808,9 @@ def parse_args():
     ap.add_argument("--gw-commit", metavar="REV",
                     help="run ocpp-edge as committed in REV (git archive into the temporary "
                          "directory) instead of the working tree")
+    ap.add_argument("--cprofile", metavar="FILE",
+                    help="run ocpp-edge under cProfile, statistics to FILE (slows it down: "
+                         "for finding where time goes, never for the figures)")
     ap.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
     ap.add_argument("--smoke", action="store_true",
