@@ -16,8 +16,16 @@ Modes
   open    CALLs are sent at a fixed aggregate ``--rate``, round robin over the charge points
           (a charge point whose previous CALL is still unanswered is skipped and counted, so
           OCPP's one-outstanding-CALL rule is never broken) -> round-trip latency.
+  idle    every charge point only sends a Heartbeat each ``--idle-heartbeat`` s (the
+          heartbeats of all of them spread evenly over that interval); runs until ``stop``
+          (or EOF) on stdin, then prints ``RESULT {json}`` -> memory and wake-ups of a system
+          holding many idle connections.
   probe   one charge point (``CPPROBE``) sends Heartbeats until one is answered; exit 0 on
           success, 1 when ``--timeout`` passes.  Used to wait until a system is ready.
+
+In closed and open mode ``--active K`` puts only the first K charge points under load; the
+others behave as in idle mode (a Heartbeat each ``--idle-heartbeat`` s, from READY on), and
+their answers are counted apart (``hb_*``), never in the CALL figures.
 
 Protocol with the driver (bench/run.py), closed and open modes:
   1. connect all charge points (+ a BootNotification each unless --no-boot), then print
@@ -248,10 +256,11 @@ class Window:
         self.errors = 0          # CALLERRORs received inside the window
         self.lat_us = []         # round trips of CALLs sent inside the window
         self.lag_us = []         # open loop: how late each send was against its schedule
+        self.hb_answered = 0     # idle charge points' Heartbeats answered inside the window
 
 
 class ChargePoint:
-    __slots__ = ("lg", "cid", "conn", "seq", "pending", "sent_at", "action", "closed")
+    __slots__ = ("lg", "cid", "conn", "seq", "pending", "sent_at", "action", "closed", "idle")
 
     def __init__(self, lg, cid):
         self.lg = lg
@@ -262,6 +271,7 @@ class ChargePoint:
         self.sent_at = 0.0
         self.action = None
         self.closed = False
+        self.idle = False        # only heartbeats (idle mode, or beyond --active)
 
     async def connect(self, url, timeout):
         if self.lg.args.client == "raw":
@@ -321,6 +331,16 @@ class ChargePoint:
         sent_at = self.sent_at
         self.pending = None
         w = lg.window
+        if self.idle:                                 # a heartbeat (or a boot) of an idle CP
+            if kind == 3:
+                lg.counters["hb_answered"] += 1
+                if w.t0 <= now < w.t1:
+                    w.hb_answered += 1
+                if len(lg.hb_lat_us) < 100000:
+                    lg.hb_lat_us.append(int((now - sent_at) * 1e6))
+            else:
+                lg.counters["hb_callerrors"] += 1
+            return
         if kind == 3:
             lg.counters["answered"] += 1
             if len(frame) != 3 or not isinstance(frame[2], dict):
@@ -354,7 +374,12 @@ class LoadGen:
                     for n in range(args.first, args.first + args.count)]
         self.counters = {k: 0 for k in (
             "sent", "answered", "callerrors", "timeouts", "unmatched", "bad_frames",
-            "downstream_calls", "disconnects", "send_failed", "busy_skips")}
+            "downstream_calls", "disconnects", "send_failed", "busy_skips",
+            "hb_sent", "hb_answered", "hb_callerrors", "hb_skips")}
+        self.hb_lat_us = []
+        active = args.count if args.active is None else max(0, min(args.count, args.active))
+        for cp in self.cps[active:] if args.mode != "idle" else self.cps:
+            cp.idle = True
         self.error_codes = {}
         self.error_samples = []
         self.closed_loop_running = False
@@ -381,15 +406,47 @@ class LoadGen:
         return failures
 
     async def boot_all(self):
-        for cp in self.cps:
-            cp.send_call("BootNotification", BOOT)
-        deadline = time.perf_counter() + self.args.timeout
-        while time.perf_counter() < deadline and any(cp.pending for cp in self.cps):
-            await asyncio.sleep(0.05)
-        missing = sum(1 for cp in self.cps if cp.pending)
-        for cp in self.cps:
-            cp.pending = None
+        """A BootNotification from every charge point; at most --boot-window outstanding
+        (0: all at once).  Returns how many were not answered within --timeout."""
+        step = self.args.boot_window or len(self.cps) or 1
+        missing = 0
+        for i in range(0, len(self.cps), step):
+            chunk = self.cps[i:i + step]
+            for cp in chunk:
+                cp.send_call("BootNotification", BOOT)
+            deadline = time.perf_counter() + self.args.timeout
+            while time.perf_counter() < deadline and any(cp.pending for cp in chunk):
+                await asyncio.sleep(0.01 if self.args.boot_window else 0.05)
+            missing += sum(1 for cp in chunk if cp.pending)
+            for cp in chunk:
+                cp.pending = None
         return missing
+
+    @property
+    def active(self):
+        return [cp for cp in self.cps if not cp.idle]
+
+    async def heartbeats(self):
+        """Idle charge points: one Heartbeat each per --idle-heartbeat s, spread evenly
+        (round robin at len(idle) / interval Heartbeats/s); never a second outstanding."""
+        cps = [cp for cp in self.cps if cp.idle]
+        interval = self.args.idle_heartbeat
+        if not cps or interval <= 0:
+            return
+        step = interval / len(cps)
+        k = 0
+        nxt = time.perf_counter()
+        while not self.stopping:
+            now = time.perf_counter()
+            while nxt <= now:
+                cp = cps[k % len(cps)]
+                k += 1
+                if cp.pending is not None or cp.closed:
+                    self.counters["hb_skips"] += 1
+                elif cp.send_call("Heartbeat", "{}"):
+                    self.counters["hb_sent"] += 1
+                nxt += step
+            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
 
     # -- load --------------------------------------------------------------------------------
     async def watchdog(self):
@@ -401,13 +458,14 @@ class LoadGen:
                 if cp.pending is not None and cp.sent_at < limit:
                     self.counters["timeouts"] += 1
                     cp.pending = None
-                    if self.closed_loop_running and not cp.closed:
+                    if self.closed_loop_running and not cp.closed and not cp.idle:
                         cp.send_call(self.action, self.payload)
 
     async def open_loop(self):
         w = self.window
         interval = 1.0 / self.args.rate
-        n = len(self.cps)
+        cps = self.active
+        n = len(cps)
         k = 0
         nxt = time.perf_counter()
         while True:
@@ -415,7 +473,7 @@ class LoadGen:
             if now >= w.t1:
                 return
             while nxt <= now:
-                cp = self.cps[k % n]
+                cp = cps[k % n]
                 k += 1
                 in_window = w.t0 <= nxt < w.t1
                 if cp.pending is not None or cp.closed:
@@ -429,7 +487,7 @@ class LoadGen:
     async def closed_loop(self):
         w = self.window
         self.closed_loop_running = True
-        for cp in self.cps:
+        for cp in self.active:
             cp.send_call(self.action, self.payload)
         while time.perf_counter() < w.t1:
             await asyncio.sleep(min(0.1, max(0.0, w.t1 - time.perf_counter())))
@@ -470,6 +528,8 @@ async def probe(args):
     cp = ChargePoint(lg, "CPPROBE")
     deadline = time.monotonic() + args.timeout
     last = "no attempt"
+    if args.announce:
+        print("ATTEMPTING", flush=True)
     while time.monotonic() < deadline:
         try:
             if cp.conn is None or cp.closed:
@@ -488,22 +548,67 @@ async def probe(args):
         except Exception as exc:  # noqa: BLE001 -- keep trying until the deadline
             last = f"{type(exc).__name__}: {exc}"
             cp.conn = None
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(args.retry_interval)
     print("PROBE FAILED: " + last, flush=True)
     return 1
+
+
+async def idle(lg):
+    """Idle mode after READY: heartbeats until ``stop`` (or EOF) on stdin."""
+    hb = asyncio.ensure_future(lg.heartbeats())
+    try:
+        await read_go_line()
+    except EOFError:
+        pass
+    lg.stopping = True
+    hb.cancel()
+    lat = sorted(lg.hb_lat_us)
+    result = {"mode": "idle", "cps": len(lg.cps), "counters": lg.counters,
+              "connected_at_end": sum(1 for cp in lg.cps if not cp.closed),
+              "hb_lat_p50_ms": lat[len(lat) // 2] / 1e3 if lat else None,
+              "hb_lat_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1e3
+              if lat else None,
+              "hb_lat_max_ms": lat[-1] / 1e3 if lat else None}
+    print("RESULT " + json.dumps(result), flush=True)
+    for cp in lg.cps:
+        if not cp.closed:
+            cp.conn.close()
+    await asyncio.sleep(0.3)
+    return 0
+
+
+def raise_nofile(need):
+    """Lift the soft RLIMIT_NOFILE towards the hard limit when need descriptors are wanted."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 async def run(args):
     if args.mode == "probe":
         return await probe(args)
+    raise_nofile(args.count + 256)
     lg = LoadGen(args)
     t = time.perf_counter()
     failures = await lg.connect_all()
     connect_s = time.perf_counter() - t
+    t = time.perf_counter()
     boot_missing = 0 if args.no_boot else await lg.boot_all()
+    lg.counters["hb_answered"] = 0          # idle CPs' boots are not heartbeats
+    lg.hb_lat_us = []
     print("READY " + json.dumps({"connected": len(lg.cps), "connect_failed": len(failures),
                                  "connect_errors": failures[:3], "connect_s": connect_s,
+                                 "boot_s": time.perf_counter() - t,
+                                 "idle_cps": sum(1 for cp in lg.cps if cp.idle),
                                  "boot_unanswered": boot_missing}), flush=True)
+    if args.mode == "idle":
+        return await idle(lg)
+    hb = asyncio.ensure_future(lg.heartbeats())
     try:
         line = await asyncio.wait_for(read_go_line(), timeout=args.go_timeout)
     except (TimeoutError, EOFError):
@@ -522,6 +627,7 @@ async def run(args):
     unanswered = await lg.drain()
     lg.stopping = True
     wd.cancel()
+    hb.cancel()
 
     w = lg.window
     result = {
@@ -531,6 +637,8 @@ async def run(args):
         "unanswered_at_end": unanswered, "counters": lg.counters,
         "error_codes": lg.error_codes, "error_samples": lg.error_samples,
         "lat_us": w.lat_us, "lag_us": w.lag_us,
+        "idle_cps": sum(1 for cp in lg.cps if cp.idle),
+        "hb_answered_in_window": w.hb_answered,
     }
     print("RESULT " + json.dumps(result), flush=True)
     for cp in lg.cps:
@@ -544,7 +652,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="ws://127.0.0.1:33033/ocpp/",
                     help="URL prefix; the charge point id is appended")
-    ap.add_argument("--mode", choices=("closed", "open", "probe"), default="closed")
+    ap.add_argument("--mode", choices=("closed", "open", "idle", "probe"), default="closed")
     ap.add_argument("--first", type=int, default=1, help="number of the first charge point")
     ap.add_argument("--count", type=int, default=100, help="charge points in this process")
     ap.add_argument("--action", choices=sorted(PAYLOADS), default="MeterValues")
@@ -558,6 +666,17 @@ def main():
                     help="after the window, wait this long for outstanding answers, s")
     ap.add_argument("--go-timeout", type=float, default=120.0)
     ap.add_argument("--connect-concurrency", type=int, default=50)
+    ap.add_argument("--active", type=int, default=None,
+                    help="closed/open: only the first ACTIVE charge points are under load, "
+                         "the others idle with heartbeats (default: all under load)")
+    ap.add_argument("--idle-heartbeat", type=float, default=30.0,
+                    help="idle charge points send a Heartbeat every this many s (0: never)")
+    ap.add_argument("--boot-window", type=int, default=0,
+                    help="at most this many BootNotifications outstanding (0: all at once)")
+    ap.add_argument("--retry-interval", type=float, default=0.2,
+                    help="probe: pause between failed attempts, s")
+    ap.add_argument("--announce", action="store_true",
+                    help="probe: print ATTEMPTING once running (before the first attempt)")
     ap.add_argument("--client", choices=("raw", "tornado"), default="raw",
                     help="WebSocket client: the built-in minimal one (cheapest) or Tornado's")
     args = ap.parse_args()
