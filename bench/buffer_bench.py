@@ -594,6 +594,9 @@ class Driver:
                 ("auth.password_file", ""),
                 ("ocpp.max_message_rate", "0"),  # the bench floods on purpose
                 *extra]
+        if runlib.spec_has_key(ROOT, "admin.listen"):
+            # the admin endpoint on a free port: 127.0.0.1:33080 may be taken by another gateway
+            keys.append(("admin.listen", f"127.0.0.1:{runlib.free_port()}"))
         conf = os.path.join(self.tmp, f"{name}.conf")
         text = "".join(f"{k} = {v}\n" for k, v in keys)
         with open(conf, "w") as f:

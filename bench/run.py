@@ -16,6 +16,39 @@ forwarder), ``ocpp-edge`` (``python -m ocpp_edge --config <generated>``) and ``r
   8. tears everything down (process groups; also on Ctrl-C, SIGTERM or an exception),
 and prints one markdown table (``--json FILE`` also writes everything as JSON).
 
+Phases (``--phases``, comma-separated; default ``closed,open`` -- steps 5 and 6 above;
+``all`` is every one; ``make bench`` runs all of them for two interpreters):
+
+  closed   the closed loop above (--closed-cps, --closed-duration).
+  open     the open loop above (--open-cps, --open-rate, --open-duration).
+  scale    for each N of --scale-cps (10,1000,5000): N charge points connected, of which
+           min(N, --scale-open-cps) run an open loop at --scale-rate, then (reconnected)
+           min(N, --scale-closed-cps) a closed loop; the others only send a Heartbeat every
+           --idle-heartbeat s.  SUT CPU µs per answered CALL (those Heartbeats counted as
+           CALLs too), p50/p99 round trip, CALLs/s: is the cost per message flat in N?
+  idle     for each N of --idle-cps (1000,10000), on a fresh SUT: RSS (VmRSS) and PSS
+           (smaps_rollup) once its start-up work is done, then N charge points each send a
+           BootNotification and then a Heartbeat every --idle-heartbeat s; RSS/PSS once RSS
+           has settled -> MB total and KB per connected CP.  The load generators run
+           --cps-per-lg charge points each; how many connected is counted from their READY
+           reports.  This script lifts its RLIMIT_NOFILE to the hard limit (the SUT inherits
+           it); ocpp-edge gets ocpp.listener.ws.max_connections = 1000000.
+  wakeups  context switches of all the SUT's threads (/proc/<pid>/task/*/status, voluntary +
+           nonvoluntary) and its CPU % over --wakeup-window s: on the fresh SUT with no
+           charge point (the idle gateway), and, with ``idle``, with the N idle ones
+           connected (their Heartbeats alone are N / --idle-heartbeat messages/s).
+  startup  --startup-reps fresh starts: from Popen until the port accepts TCP, until the
+           system's own readiness signal (ocpp-edge: READY=1 on a NOTIFY_SOCKET read here;
+           floor and reference bridge: the READY line they print once subscribed), until a
+           probe Heartbeat (probe started beforehand) is answered.  Median and max.  With
+           ``wakeups``, ocpp-edge's idle wake-ups are also measured with NOTIFY_SOCKET set.
+  drain    bench/buffer_bench.py phase 3 for --python: a --drain-backlog (1,000,000) backlog
+           drained by ocpp-edge beside that bench's in-memory floor (same messages, QoS 1,
+           same window and paho).  The reference bridge has no buffer: n/a.
+
+Each phase prints its own table (floor | ocpp-edge | reference bridge | ratios); ``*``
+marks figures of windows that other processes disturbed.
+
 If ``ocpp_edge`` cannot be imported by the chosen interpreter, only the floor is run.
 """
 
@@ -27,6 +60,7 @@ import queue
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,13 +71,15 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SYSTEMS = ("floor", "ocpp-edge", "refbridge")
+PHASES = ("closed", "open", "scale", "idle", "wakeups", "startup", "drain")
+DEFAULT_PHASES = ("closed", "open")
 
 
 # ----------------------------------------------------------------------------- processes
 class Proc:
     """A child in its own process group, with its stdout read line by line by a thread."""
 
-    def __init__(self, name, argv, cpu, log_dir, stdin=False, cwd=ROOT):
+    def __init__(self, name, argv, cpu, log_dir, stdin=False, cwd=ROOT, env=None):
         self.name = name
         if cpu is not None:
             argv = ["taskset", "-c", str(cpu), *argv]      # taskset execs: same pid
@@ -51,7 +87,7 @@ class Proc:
         self._log = open(self.log_path, "wb")      # closed in stop()
         self.p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=self._log,
                                   stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                  start_new_session=True)
+                                  start_new_session=True, env=env)
         self.pid = self.p.pid
         self.lines = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -168,6 +204,84 @@ def proc_rss_mb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     return None
+
+
+def proc_mem_mb(pid):
+    """(VmRSS, Pss) of a process in MB; Pss from smaps_rollup, None where unavailable."""
+    rss = pss = None
+    try:
+        rss = proc_rss_mb(pid)
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) / 1024.0
+                    break
+    except OSError:
+        pass
+    return rss, pss
+
+
+def proc_ctx_switches(pid):
+    """(voluntary, nonvoluntary, threads): context switches summed over every thread.
+
+    A voluntary switch is the task blocking (epoll_wait, a lock, a sleep) and later being
+    woken: one wake-up.  Nonvoluntary ones are preemptions.
+    """
+    vol = nonvol = threads = 0
+    base = f"/proc/{pid}/task"
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        vol += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        nonvol += int(line.split()[1])
+            threads += 1
+        except OSError:                  # the thread ended meanwhile
+            pass
+    return vol, nonvol, threads
+
+
+def wait_rss_settled(pid, min_s=3.0, max_s=20.0, tol=0.005):
+    """Poll VmRSS once a second until three samples in a row are within tol of each other
+    (after at least min_s), at most max_s.  Returns (seconds waited, RSS samples)."""
+    t0 = time.monotonic()
+    seen = []
+    while True:
+        time.sleep(1.0)
+        seen.append(proc_rss_mb(pid))
+        waited = time.monotonic() - t0
+        last = seen[-3:]
+        if waited >= min_s and len(last) == 3 and max(last) - min(last) <= tol * max(last):
+            return waited, seen
+        if waited >= max_s:
+            return waited, seen
+
+
+def wait_cpu_idle(pid, max_s=30.0, threshold=1.0):
+    """Wait until the process used < threshold % of a CPU over one second (after start-up
+    work such as ocpp-edge's schema warm-up), at most max_s.  Returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_s:
+        c0 = proc_cpu_s(pid)
+        time.sleep(1.0)
+        if 100.0 * (proc_cpu_s(pid) - c0) < threshold:
+            break
+    return round(time.monotonic() - t0, 1)
+
+
+def raise_nofile():
+    """Lift this process's soft RLIMIT_NOFILE to the hard limit; children inherit it (the
+    SUT needs one descriptor per charge point, 10,000 and more here)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def cpu_times(cpu):
@@ -315,6 +429,8 @@ class SystemRun:
         self.kids = kids
         self.tmp = tmp
         self.result = {"system": name}
+        self.sut_starts = 0
+        self.sut_logs = []           # stderr files of every SUT instance this run started
 
     def start_mosquitto(self):
         port = free_port()
@@ -338,7 +454,16 @@ class SystemRun:
             raise RuntimeError(f"mosquitto did not listen: {mosq.stderr_tail()}")
         return mosq, port
 
-    def start_sut(self, ws_port, mqtt_port):
+    def start_sut(self, ws_port, mqtt_port, env=None):
+        """A new SUT instance (each has its own stderr file: sut-<name>[-k].stderr)."""
+        self.sut_starts += 1
+        tag = "" if self.sut_starts == 1 else f"-{self.sut_starts}"
+        proc = self._start_sut(ws_port, mqtt_port, f"sut-{self.name}{tag}", env)
+        proc.ws_port = ws_port
+        self.sut_logs.append(proc.log_path)
+        return proc
+
+    def _start_sut(self, ws_port, mqtt_port, pname, env):
         a = self.args
         if self.name == "floor":
             argv = [a.python, os.path.join(BENCH, "floor.py"), "--ws", f"127.0.0.1:{ws_port}",
@@ -364,6 +489,13 @@ class SystemRun:
             if spec_has_key(a.gw_src, "ocpp.listener.ws.max_conn_rate"):
                 # all charge points connect at once: the connection rate limit is not measured
                 keys.append(("ocpp.listener.ws.max_conn_rate", "1000000"))
+            if spec_has_key(a.gw_src, "admin.listen"):
+                # the admin endpoint stays on (as shipped), on a free port: its default
+                # 127.0.0.1:33080 may be taken by another gateway on the machine
+                keys.append(("admin.listen", f"127.0.0.1:{free_port()}"))
+            if spec_has_key(a.gw_src, "ocpp.listener.ws.max_connections"):
+                # 10,000 idle charge points and more: the connection limit is not measured
+                keys.append(("ocpp.listener.ws.max_connections", "1000000"))
             for item in a.gw_set:
                 key, _, value = (x.strip() for x in item.partition("="))
                 keys = [(k, v) for k, v in keys if k != key]
@@ -377,10 +509,10 @@ class SystemRun:
             argv = [a.python, "-m", "ocpp_edge", "--config", conf]
             if a.cprofile:
                 argv[1:1] = ["-m", "cProfile", "-o", os.path.abspath(a.cprofile)]
-            return self.kids.start(f"sut-{self.name}", argv, a.sut_cpu, cwd=a.gw_src)
-        return self.kids.start(f"sut-{self.name}", argv, a.sut_cpu)
+            return self.kids.start(pname, argv, a.sut_cpu, cwd=a.gw_src, env=env)
+        return self.kids.start(pname, argv, a.sut_cpu, env=env)
 
-    def loadgen_argv(self, ws_port, mode, first, count, rate=None):
+    def loadgen_argv(self, ws_port, mode, first, count, rate=None, extra=()):
         a = self.args
         argv = [a.python, os.path.join(BENCH, "loadgen.py"),
                 "--url", f"ws://127.0.0.1:{ws_port}/ocpp/", "--mode", mode,
@@ -388,23 +520,39 @@ class SystemRun:
                 "--client", a.ws_client]
         if rate is not None:
             argv += ["--rate", f"{rate:.3f}"]
-        return argv
+        return argv + list(extra)
 
-    def phase(self, sut, ws_port, others, mode, cps, duration, rate=None):
-        """One measured load phase; returns a dict of merged figures."""
+    def idle_lg_args(self):
+        """Load generator options for phases with many (mostly idle) charge points."""
         a = self.args
-        nprocs = min(a.lg_procs, cps)
+        return ["--idle-heartbeat", str(a.idle_heartbeat), "--boot-window", "100",
+                "--connect-concurrency", str(a.connect_concurrency), "--timeout", "60"]
+
+    def lg_procs_for(self, cps):
+        return max(min(self.args.lg_procs, cps), -(-cps // self.args.cps_per_lg))
+
+    def phase(self, sut, ws_port, others, mode, cps, duration, rate=None, active=None):
+        """One measured load phase; returns a dict of merged figures.
+
+        active: only that many of the cps charge points are under load; the others stay
+        connected and send a Heartbeat every --idle-heartbeat s (counted apart)."""
+        a = self.args
+        nprocs = self.lg_procs_for(cps) if active is not None else min(a.lg_procs, cps)
         counts = split(cps, nprocs)
+        actives = split(active, nprocs) if active is not None else counts
+        load_cps = active if active is not None else cps
         lgs, first = [], 1
-        for i, count in enumerate(counts):
-            share = rate * count / cps if rate else None
+        for i, (count, act) in enumerate(zip(counts, actives, strict=True)):
+            share = rate * act / load_cps if rate else None
+            extra = ["--active", str(act), *self.idle_lg_args()] if active is not None else ()
             lgs.append(self.kids.start(f"loadgen-{self.name}-{mode}-{i}",
-                                       self.loadgen_argv(ws_port, mode, first, count, share),
+                                       self.loadgen_argv(ws_port, mode, first, count, share,
+                                                         extra),
                                        a.load_cpu, stdin=True))
             first += count
         ready = []
         for lg in lgs:
-            line = lg.expect("READY ", 90.0)
+            line = lg.expect("READY ", 90.0 if active is None else 600.0)
             if line is None:
                 raise RuntimeError(f"{mode}: load generator not ready; {lg.stderr_tail(3)}")
             ready.append(json.loads(line[6:]))
@@ -454,9 +602,14 @@ class SystemRun:
         answered = total("answered_in_window")
         elapsed = w1 - w0
         cpu = c1 - c0
+        hb = total("hb_answered_in_window") if all("hb_answered_in_window" in r
+                                                   for r in results) else 0
         out = {
             "mode": mode, "cps": cps, "loadgen_procs": nprocs, "window_s": duration,
-            "rate_target": rate,
+            "rate_target": rate, "active_cps": load_cps,
+            "hb_answered_in_window": hb,
+            # every answered CALL, the idle charge points' Heartbeats included
+            "sut_cpu_us_per_msg": cpu * 1e6 / (answered + hb) if answered + hb else None,
             "connected": sum(r["connected"] for r in ready),
             "connect_failed": sum(r["connect_failed"] for r in ready),
             "connect_errors": [e for r in ready for e in r["connect_errors"]][:3],
@@ -520,26 +673,14 @@ class SystemRun:
              if p[k] is not None} for p in attempts]
         return best
 
-    def run(self):
+    # -- start-up ----------------------------------------------------------------------------
+    def start_probed(self, mqtt_port):
+        """A fresh SUT on a new port, returned once a probe Heartbeat made the round trip:
+        (proc, ws_port, probe line, seconds from Popen)."""
         a = self.args
-        if a.quiet_wait > 0:
-            t = time.monotonic()
-            self.result["busy_before_start_pct"] = wait_quiet((a.sut_cpu, a.load_cpu),
-                                                              a.quiet_wait)
-            self.result["quiet_wait_s"] = round(time.monotonic() - t, 1)
-        mosq, mqtt_port = self.start_mosquitto()
-        backend = self.kids.start(
-            f"backend-{self.name}",
-            [a.python, os.path.join(BENCH, "backend.py"), "--mqtt", f"127.0.0.1:{mqtt_port}",
-             "--impl", a.backend_impl, "--sub-qos", str(a.backend_sub_qos)],
-            a.load_cpu)
-        if backend.expect("READY", 15.0) is None:
-            raise RuntimeError(f"backend not ready: {backend.stderr_tail(3)}")
-
         ws_port = free_port()
         t_start = time.monotonic()
         sut = self.start_sut(ws_port, mqtt_port)
-        self.result["sut_pid"] = sut.pid
         probe = self.kids.start(
             f"probe-{self.name}",
             [*self.loadgen_argv(ws_port, "probe", 1, 1), "--timeout", str(a.start_timeout)],
@@ -557,30 +698,285 @@ class SystemRun:
             state = "still running" if sut.alive() else "exited"
             raise RuntimeError(f"{self.name} never answered a probe Heartbeat ({line}); "
                                f"{state}; last stderr lines: {sut.stderr_tail(3)}")
+        return sut, ws_port, line, round(time.monotonic() - t_start, 2)
+
+    def restart(self, sut, mqtt_port):
+        """Stop sut, start a fresh one (nothing left over from earlier phases)."""
+        self.kids.stop(sut, timeout=10.0)
+        sut, ws_port, _, _ = self.start_probed(mqtt_port)
+        return sut, ws_port
+
+    def startup_once(self, mqtt_port, keep=False):
+        """One timed start: Popen -> port accepts TCP / own readiness signal / probe answered.
+
+        The probe load generator is started (and running) before the SUT, retrying every
+        50 ms, so its own interpreter start is not in the figure.  ocpp-edge gets a
+        NOTIFY_SOCKET (a unix datagram socket read here) and its signal is READY=1; the
+        floor's and the reference bridge's is the READY line they print once subscribed."""
+        a = self.args
+        ws_port = free_port()
+        probe = self.kids.start(
+            f"probe-{self.name}",
+            [*self.loadgen_argv(ws_port, "probe", 1, 1), "--timeout", str(a.start_timeout),
+             "--retry-interval", "0.05", "--announce"], a.load_cpu)
+        if probe.expect("ATTEMPTING", 15.0) is None:
+            raise RuntimeError(f"startup probe did not start: {probe.stderr_tail(3)}")
+        env = sock = None
+        if self.name == "ocpp-edge":
+            path = os.path.join(self.tmp, f"notify-{self.sut_starts}.sock")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            sock.setblocking(False)
+            env = dict(os.environ, NOTIFY_SOCKET=path)
+        t0 = time.monotonic()
+        sut = self.start_sut(ws_port, mqtt_port, env=env)
+        got = {}
+        notes = []
+        deadline = t0 + a.start_timeout + 5
+        while time.monotonic() < deadline and sut.alive():
+            now = time.monotonic()
+            if "port_s" not in got:
+                try:
+                    with socket.create_connection(("127.0.0.1", ws_port), timeout=0.5):
+                        got["port_s"] = time.monotonic() - t0
+                except OSError:
+                    pass
+            if sock is not None:
+                try:
+                    while True:
+                        msg = sock.recv(4096).decode(errors="replace")
+                        notes.append(msg)
+                        if "READY=1" in msg.split("\n") and "signal_s" not in got:
+                            got["signal_s"] = now - t0
+                except (BlockingIOError, InterruptedError):
+                    pass
+            else:
+                try:
+                    while True:
+                        line = sut.lines.get_nowait()
+                        if line is None:
+                            sut.lines.put(None)
+                            break
+                        if line.startswith("READY") and "signal_s" not in got:
+                            got["signal_s"] = now - t0
+                except queue.Empty:
+                    pass
+            try:
+                line = probe.lines.get_nowait()
+                if line is not None and line.startswith("PROBE OK"):
+                    got["probe_s"] = now - t0
+                elif line is not None and line.startswith("PROBE FAILED"):
+                    break
+            except queue.Empty:
+                pass
+            if {"port_s", "signal_s", "probe_s"} <= got.keys():
+                break
+            time.sleep(0.002)
+        self.kids.stop(probe)
+        got = {k: round(v, 3) for k, v in got.items()}
+        got["notify_messages"] = [m[:80] for m in notes[:3]]
+        if keep:
+            return got, sut, sock
+        self.kids.stop(sut, timeout=10.0)
+        if sock is not None:
+            sock.close()
+        return got, None, None
+
+    def startup_phase(self, mqtt_port):
+        a = self.args
+        samples = []
+        idle_notify = None
+        for i in range(a.startup_reps):
+            last = i == a.startup_reps - 1
+            keep = last and "wakeups" in a.phases and self.name == "ocpp-edge"
+            got, sut, sock = self.startup_once(mqtt_port, keep=keep)
+            samples.append(got)
+            if sut is not None:
+                # the idle gateway as systemd runs it: with NOTIFY_SOCKET (its STATUS= tick)
+                stop = threading.Event()
+
+                def drain(sock=sock, stop=stop):
+                    while not stop.is_set():
+                        try:
+                            sock.recv(4096)
+                        except (BlockingIOError, InterruptedError):
+                            time.sleep(0.05)
+                        except OSError:
+                            return
+
+                t = threading.Thread(target=drain, daemon=True)
+                t.start()
+                waited = wait_cpu_idle(sut.pid)
+                idle_notify = self.wakeups(sut)
+                idle_notify["cpu_idle_after_s"] = waited
+                stop.set()
+                t.join(1.0)
+                self.kids.stop(sut, timeout=10.0)
+                sock.close()
+        out = {"samples": samples}
+        for k in ("port_s", "signal_s", "probe_s"):
+            v = sorted(x[k] for x in samples if k in x)
+            out[k + "_median"] = statistics.median(v) if v else None
+            out[k + "_max"] = v[-1] if v else None
+            out[k + "_n"] = len(v)
+        if idle_notify is not None:
+            out["idle_wakeups_with_notify"] = idle_notify
+        return out
+
+    # -- idle connections --------------------------------------------------------------------
+    def wakeups(self, sut, window=None):
+        """Context switches (all threads) and CPU of the SUT over window seconds."""
+        window = window or self.args.wakeup_window
+        v0, n0, _ = proc_ctx_switches(sut.pid)
+        c0, t0 = proc_cpu_s(sut.pid), time.monotonic()
+        time.sleep(window)
+        v1, n1, threads = proc_ctx_switches(sut.pid)
+        c1, t1 = proc_cpu_s(sut.pid), time.monotonic()
+        dt = t1 - t0
+        return {"window_s": round(dt, 2), "wakeups_per_s": (v1 - v0 + n1 - n0) / dt,
+                "voluntary_per_s": (v1 - v0) / dt, "nonvoluntary_per_s": (n1 - n0) / dt,
+                "cpu_pct": 100.0 * (c1 - c0) / dt, "threads": threads}
+
+    def idle_phase(self, sut, n):
+        """n idle charge points (BootNotification, then a Heartbeat each --idle-heartbeat s):
+        SUT memory before and after, wake-ups per second with them connected."""
+        a = self.args
+        cpu_idle_s = wait_cpu_idle(sut.pid)
+        _, before_samples = wait_rss_settled(sut.pid, min_s=2.0, max_s=10.0)
+        rss0, pss0 = proc_mem_mb(sut.pid)
+        nprocs = self.lg_procs_for(n)
+        lgs, first = [], 1
+        t = time.monotonic()
+        for i, count in enumerate(split(n, nprocs)):
+            lgs.append(self.kids.start(
+                f"loadgen-{self.name}-idle{n}-{i}",
+                self.loadgen_argv(sut.ws_port, "idle", first, count,
+                                  extra=self.idle_lg_args()),
+                a.load_cpu, stdin=True))
+            first += count
+        ready = []
+        for lg in lgs:
+            line = lg.expect("READY ", 900.0)
+            if line is None:
+                raise RuntimeError(f"idle {n}: load generator not ready; {lg.stderr_tail(3)}")
+            ready.append(json.loads(line[6:]))
+        connect_s = time.monotonic() - t
+        if not sut.alive():
+            raise RuntimeError(f"{self.name} exited while {n} idle charge points connected; "
+                               f"{sut.stderr_tail(3)}")
+        settle_s, samples = wait_rss_settled(sut.pid, min_s=3.0, max_s=a.settle_max)
+        rss1, pss1 = proc_mem_mb(sut.pid)
+        wake = self.wakeups(sut) if "wakeups" in a.phases else None
+        rss2, pss2 = proc_mem_mb(sut.pid)
+        results = []
+        for lg in lgs:
+            lg.send("stop\n")
+        for lg in lgs:
+            line = lg.expect("RESULT ", 60.0)
+            results.append(json.loads(line[7:]) if line else None)
+            self.kids.stop(lg)
+        counters = {}
+        for r in results:
+            for k, v in (r or {}).get("counters", {}).items():
+                counters[k] = counters.get(k, 0) + v
+        connected = sum(r["connected"] for r in ready)
+        out = {
+            "cps": n, "loadgen_procs": nprocs, "connected": connected,
+            "connect_failed": sum(r["connect_failed"] for r in ready),
+            "connect_errors": [e for r in ready for e in r["connect_errors"]][:3],
+            "boot_unanswered": sum(r["boot_unanswered"] for r in ready),
+            "connected_at_end": sum((r or {}).get("connected_at_end", 0) for r in results),
+            "connect_and_boot_s": round(connect_s, 1), "settle_s": round(settle_s, 1),
+            "cpu_idle_after_s": cpu_idle_s,
+            "rss_samples_before": before_samples, "rss_samples_after": samples,
+            "rss_mb_before": rss0, "pss_mb_before": pss0,
+            "rss_mb": rss1, "pss_mb": pss1, "rss_mb_after_wakeups": rss2,
+            "pss_mb_after_wakeups": pss2,
+            "rss_kb_per_cp": (rss1 - rss0) * 1024 / connected if connected else None,
+            "pss_kb_per_cp": (pss1 - pss0) * 1024 / connected
+            if connected and pss0 is not None and pss1 is not None else None,
+            "heartbeats": {k: counters.get(k, 0) for k in ("hb_sent", "hb_answered",
+                                                            "hb_callerrors", "hb_skips",
+                                                            "disconnects")},
+            "hb_lat_p99_ms": max((r or {}).get("hb_lat_p99_ms") or 0 for r in results),
+            "wakeups": wake,
+        }
+        return out
+
+    # -- the whole run -----------------------------------------------------------------------
+    def run(self):
+        a = self.args
+        if a.quiet_wait > 0:
+            t = time.monotonic()
+            self.result["busy_before_start_pct"] = wait_quiet((a.sut_cpu, a.load_cpu),
+                                                              a.quiet_wait)
+            self.result["quiet_wait_s"] = round(time.monotonic() - t, 1)
+        mosq, mqtt_port = self.start_mosquitto()
+        backend = self.kids.start(
+            f"backend-{self.name}",
+            [a.python, os.path.join(BENCH, "backend.py"), "--mqtt", f"127.0.0.1:{mqtt_port}",
+             "--impl", a.backend_impl, "--sub-qos", str(a.backend_sub_qos)],
+            a.load_cpu)
+        if backend.expect("READY", 15.0) is None:
+            raise RuntimeError(f"backend not ready: {backend.stderr_tail(3)}")
+
+        sut, ws_port, line, ready_after = self.start_probed(mqtt_port)
+        self.result["sut_pid"] = sut.pid
         self.result["probe"] = line
-        self.result["ready_after_s"] = round(time.monotonic() - t_start, 2)
+        self.result["ready_after_s"] = ready_after
         self.result["sut_rss_mb_idle"] = proc_rss_mb(sut.pid)     # no charge point connected
+        if "wakeups" in a.phases:
+            # fresh, 0 charge points, once its start-up work is done
+            self.result["cpu_idle_after_s"] = wait_cpu_idle(sut.pid)
+            self.result["wakeups_idle"] = self.wakeups(sut)
 
         others = [mosq, backend]
-        if a.closed_duration > 0:
+        if "closed" in a.phases and a.closed_duration > 0:
             self.result["closed"] = self.measured(sut, ws_port, others, "closed",
                                                   a.closed_cps, a.closed_duration)
             time.sleep(1.0)
-        if a.open_duration > 0:
+        if "open" in a.phases and a.open_duration > 0:
             self.result["open"] = self.measured(sut, ws_port, others, "open",
                                                 a.open_cps, a.open_duration, rate=a.open_rate)
+        if "scale" in a.phases:
+            self.result["scale"] = scale = {}
+            for n in a.scale_cps:
+                time.sleep(1.0)
+                row = scale[str(n)] = {"cps": n}
+                if a.scale_duration > 0:
+                    row["open"] = self.measured(
+                        sut, ws_port, others, "open", n, a.scale_duration,
+                        rate=a.scale_rate, active=min(n, a.scale_open_cps))
+                    time.sleep(1.0)
+                    row["closed"] = self.measured(
+                        sut, ws_port, others, "closed", n, a.scale_duration,
+                        active=min(n, a.scale_closed_cps))
+                row["sut_rss_mb_after"] = proc_rss_mb(sut.pid)
+        if "idle" in a.phases:
+            self.result["idle"] = idle = {}
+            for n in a.idle_cps:
+                sut, ws_port = self.restart(sut, mqtt_port)      # a fresh SUT for each n
+                idle[str(n)] = self.idle_phase(sut, n)
 
         self.result["sut_alive_at_end"] = sut.alive()
-        self.kids.stop(backend)
-        line = backend.expect("STATS ", 5.0)
-        self.result["backend"] = json.loads(line[6:]) if line else None
         t = time.monotonic()
         self.kids.stop(sut, timeout=10.0)
         self.result["sut_stop_s"] = round(time.monotonic() - t, 2)
         self.result["sut_exit_code"] = sut.p.returncode
-        with open(sut.log_path, "rb") as f:
-            self.result["sut_stderr_lines"] = sum(1 for _ in f)
-        self.result["sut_stderr_tail"] = sut.stderr_tail(40)
+        if "startup" in a.phases and a.startup_reps > 0:
+            self.result["startup"] = self.startup_phase(mqtt_port)
+        self.kids.stop(backend)
+        line = backend.expect("STATS ", 5.0)
+        self.result["backend"] = json.loads(line[6:]) if line else None
+        lines, tail = 0, []
+        for path in self.sut_logs:
+            with open(path, "rb") as f:
+                text = f.read().decode(errors="replace").splitlines()
+            lines += len(text)
+            tail = text[-40:] if text else tail
+        self.result["sut_instances"] = len(self.sut_logs)
+        self.result["sut_stderr_lines"] = lines
+        self.result["sut_stderr_tail"] = tail
         self.kids.stop(mosq)
         self.result["mosquitto_stderr_tail"] = mosq.stderr_tail(5)
         return self.result
@@ -646,7 +1042,8 @@ def render(report):
         return sum(per_call.values())
 
     c, o = a["closed_cps"], a["open_cps"]
-    if a["closed_duration"] > 0:
+    phases = a.get("phases", DEFAULT_PHASES)
+    if a["closed_duration"] > 0 and "closed" in phases:
         row(f"closed loop, {c} CPs: answered CALLs/s", "closed", "answered_per_s")
         row("closed loop: SUT CPU µs per answered CALL", "closed", "sut_cpu_us_per_call")
         row(f"closed loop: SUT CPU % of one core (CPU {sut_cpu})", "closed", "sut_cpu_pct",
@@ -671,7 +1068,7 @@ def render(report):
         rows.append(f"| SUT RSS growth per connected CP, KB (idle → {c} CPs) | "
                     f"{fmt(fk, '{:.1f}')} | {fmt(gk, '{:.1f}')} | {fmt(bk, '{:.1f}')} | "
                     f"{ratio(gk, fk)} | {ratio(gk, bk)} |")
-    if a["open_duration"] > 0:
+    if a["open_duration"] > 0 and "open" in phases:
         row(f"open loop, {a['open_rate']:g} CALLs/s over {o} CPs: answered CALLs/s",
             "open", "answered_per_s", "{:,.1f}", False)
         row("open loop: round trip p50 ms", "open", "lat_p50_ms", "{:.2f}")
@@ -752,6 +1149,263 @@ def render(report):
     return "\n".join(head + rows), notes
 
 
+HEAD = ("| {} | floor | ocpp-edge | reference bridge | ocpp-edge / floor | "
+        "ocpp-edge / ref. bridge |\n|---|---:|---:|---:|---:|---:|")
+
+
+def render_more(report):
+    """The tables of the scale, idle, wakeups, startup and drain phases: [(title, table)],
+    notes.  Same columns as the main table; a ratio is ocpp-edge's figure over the other's."""
+    runs = {r["system"]: r for r in report["systems"] if "error" not in r}
+    trio = [runs.get(s) for s in SYSTEMS]
+    a = report["args"]
+    tables, notes = [], []
+
+    def line(label, vals, spec="{:,.0f}", with_ratio=True, marks=("", "", "")):
+        fv, gv, bv = vals
+        fm, gm, bm = marks
+        r = ratio(gv, fv) + (fm or gm) if with_ratio else ""
+        rb = ratio(gv, bv) + (bm or gm) if with_ratio else ""
+        return (f"| {label} | {fmt(fv, spec)}{fm} | {fmt(gv, spec)}{gm} | {fmt(bv, spec)}{bm}"
+                f" | {r} | {rb} |")
+
+    def pick(*path):
+        out = []
+        for run in trio:
+            v = run
+            for k in path:
+                v = v.get(k) if isinstance(v, dict) else None
+            out.append(v)
+        return out
+
+    def marks(*path):
+        return tuple("*" if isinstance(p, dict) and "sut_core_foreign_pct" in p
+                     and disturbed(p) else "" for p in pick(*path))
+
+    # -- scaling
+    if any(r and r.get("scale") for r in trio):
+        rows = []
+        for n in a["scale_cps"]:
+            k = str(n)
+            o_act, c_act = min(n, a["scale_open_cps"]), min(n, a["scale_closed_cps"])
+            om, cm = marks("scale", k, "open"), marks("scale", k, "closed")
+            rows += [
+                line(f"{n:,} CPs, open loop {a['scale_rate']:g}/s over {o_act}: SUT CPU µs per "
+                     "answered CALL (idle CPs' Heartbeats included)",
+                     pick("scale", k, "open", "sut_cpu_us_per_msg"), marks=om),
+                line(f"{n:,} CPs, open loop: round trip p50 ms",
+                     pick("scale", k, "open", "lat_p50_ms"), "{:.2f}", marks=om),
+                line(f"{n:,} CPs, open loop: round trip p99 ms",
+                     pick("scale", k, "open", "lat_p99_ms"), "{:.2f}", marks=om),
+                line(f"{n:,} CPs, closed loop over {c_act}: answered CALLs/s",
+                     pick("scale", k, "closed", "answered_per_s"), marks=cm),
+                line(f"{n:,} CPs, closed loop: SUT CPU µs per answered CALL (Heartbeats "
+                     "included)", pick("scale", k, "closed", "sut_cpu_us_per_msg"), marks=cm),
+                line(f"{n:,} CPs: SUT RSS MB after both windows",
+                     pick("scale", k, "sut_rss_mb_after"), "{:.1f}"),
+            ]
+        # flatness: the cost at the largest N over the cost at the smallest
+        lo, hi = str(a["scale_cps"][0]), str(a["scale_cps"][-1])
+        for mode in ("open", "closed"):
+            vals = []
+            for run in trio:
+                try:
+                    vals.append(run["scale"][hi][mode]["sut_cpu_us_per_msg"]
+                                / run["scale"][lo][mode]["sut_cpu_us_per_msg"])
+                except (TypeError, KeyError, ZeroDivisionError):
+                    vals.append(None)
+            rows.append(line(f"{mode} loop: CPU µs per CALL at {int(hi):,} CPs / at "
+                             f"{int(lo):,} CPs (1.00 = flat)", vals, "{:.2f}", False))
+        tables.append((f"scaling: per-message cost at {', '.join(f'{n:,}' for n in a['scale_cps'])}"
+                       f" connected CPs (idle ones heartbeat every {a['idle_heartbeat']:g} s)",
+                       HEAD.format("metric (CALL: " + a["action"] + ")") + "\n" + "\n".join(rows)))
+        for run in trio:
+            for k, row in ((run or {}).get("scale") or {}).items():
+                for mode in ("open", "closed"):
+                    p = row.get(mode)
+                    if p is None:
+                        continue
+                    bad = problems(p)
+                    if bad:
+                        notes.append(f"{run['system']} scale {k} {mode}: {bad}")
+                    if p["connected"] != p["cps"]:
+                        notes.append(f"{run['system']} scale {k} {mode}: only {p['connected']} "
+                                     f"of {p['cps']} CPs connected")
+                    if disturbed(p):
+                        notes.append(f"{run['system']} scale {k} {mode}: disturbed (foreign "
+                                     f"{p['sut_core_foreign_pct']:.0f}% CPU {a['sut_cpu']}, "
+                                     f"{p['load_core_foreign_pct']:.0f}% CPU {a['load_cpu']})")
+
+    # -- idle memory and wake-ups
+    if any(r and r.get("idle") for r in trio):
+        rows = []
+        for n in a["idle_cps"]:
+            k = str(n)
+            rows += [
+                line(f"{n:,} idle CPs: connected and booted (READY reports)",
+                     pick("idle", k, "connected"), with_ratio=False),
+                line(f"{n:,} idle CPs: SUT RSS MB before connecting",
+                     pick("idle", k, "rss_mb_before"), "{:.1f}"),
+                line(f"{n:,} idle CPs: SUT RSS MB connected (settled)",
+                     pick("idle", k, "rss_mb"), "{:.1f}"),
+                line(f"{n:,} idle CPs: SUT RSS growth KB per connected CP",
+                     pick("idle", k, "rss_kb_per_cp"), "{:.1f}"),
+                line(f"{n:,} idle CPs: SUT PSS MB connected", pick("idle", k, "pss_mb"),
+                     "{:.1f}"),
+                line(f"{n:,} idle CPs: SUT PSS growth KB per connected CP",
+                     pick("idle", k, "pss_kb_per_cp"), "{:.1f}"),
+            ]
+        tables.append((f"idle memory: fresh SUT, then N charge points (BootNotification, then "
+                       f"a Heartbeat every {a['idle_heartbeat']:g} s)",
+                       HEAD.format("metric") + "\n" + "\n".join(rows)))
+        for run in trio:
+            for k, p in ((run or {}).get("idle") or {}).items():
+                if p["connected"] != p["cps"] or p["boot_unanswered"] or \
+                        p["connected_at_end"] != p["connected"]:
+                    notes.append(f"{run['system']} idle {k}: connected {p['connected']} of "
+                                 f"{p['cps']}, boot unanswered {p['boot_unanswered']}, still "
+                                 f"connected at the end {p['connected_at_end']}; "
+                                 f"{p['connect_errors']}")
+                hb = p["heartbeats"]
+                if hb["hb_sent"] - hb["hb_answered"] > 0.01 * max(1, hb["hb_sent"]) + 5 or \
+                        hb["hb_callerrors"] or hb["disconnects"]:
+                    notes.append(f"{run['system']} idle {k}: heartbeats {hb}")
+        big = str(max(a["idle_cps"]))
+        for run in trio:
+            p = ((run or {}).get("idle") or {}).get(big)
+            if p and int(big) >= 10000:
+                notes.append(f"{run['system']}: {int(big):,} idle CPs -> {p['rss_mb']:.0f} MB "
+                             f"RSS total (target for ocpp-edge: < 200 MB at 10,000)")
+
+    if any(r and (r.get("wakeups_idle") or r.get("idle")) for r in trio) and \
+            "wakeups" in a["phases"]:
+        rows = [line("0 CPs (fresh SUT, the idle gateway): wake-ups/s",
+                     pick("wakeups_idle", "wakeups_per_s"), "{:.1f}"),
+                line("0 CPs: of which voluntary (blocked, then woken)/s",
+                     pick("wakeups_idle", "voluntary_per_s"), "{:.1f}", False),
+                line("0 CPs: SUT CPU %", pick("wakeups_idle", "cpu_pct"), "{:.2f}"),
+                line("0 CPs: SUT threads", pick("wakeups_idle", "threads"), with_ratio=False)]
+        wn = pick("startup", "idle_wakeups_with_notify")
+        if wn[1]:
+            rows += [line("0 CPs, ocpp-edge with NOTIFY_SOCKET (as under systemd): wake-ups/s",
+                          [None, wn[1]["wakeups_per_s"], None], "{:.1f}", False),
+                     line("0 CPs, ocpp-edge with NOTIFY_SOCKET: SUT CPU %",
+                          [None, wn[1]["cpu_pct"], None], "{:.2f}", False)]
+        for n in a["idle_cps"] if "idle" in a["phases"] else ():
+            k = str(n)
+            rows += [line(f"{n:,} idle CPs ({n / a['idle_heartbeat']:,.0f} Heartbeats/s): "
+                          "wake-ups/s", pick("idle", k, "wakeups", "wakeups_per_s"), "{:.1f}"),
+                     line(f"{n:,} idle CPs: SUT CPU %", pick("idle", k, "wakeups", "cpu_pct"),
+                          "{:.2f}")]
+        waits = pick("cpu_idle_after_s")
+        rows.append(line("0 CPs: s after the probe answer until the SUT's CPU fell below 1 % "
+                         "(start-up work; the window starts then)", waits, "{:.1f}", False))
+        tables.append((f"idle wake-ups: context switches of all SUT threads (voluntary + "
+                       f"nonvoluntary) per second over {a['wakeup_window']:g} s",
+                       HEAD.format("metric") + "\n" + "\n".join(rows)))
+
+    # -- start-up
+    if any(r and r.get("startup") for r in trio):
+        def mm(key):
+            out = []
+            for run in trio:
+                s_ = (run or {}).get("startup")
+                out.append(None if not s_ or s_.get(key + "_median") is None else
+                           (s_[key + "_median"], s_[key + "_max"]))
+            return out
+
+        def mm_line(label, key, with_ratio=True):
+            v = mm(key)
+            cells = ["–" if x is None else f"{x[0]:.2f} / {x[1]:.2f}" for x in v]
+            med = [x and x[0] for x in v]
+            r = ratio(med[1], med[0]) if with_ratio else ""
+            rb = ratio(med[1], med[2]) if with_ratio else ""
+            return f"| {label} | {cells[0]} | {cells[1]} | {cells[2]} | {r} | {rb} |"
+
+        reps = a["startup_reps"]
+        rows = [mm_line("Popen → the WebSocket port accepts a TCP connection", "port_s"),
+                mm_line("Popen → own readiness signal: ocpp-edge READY=1 (sd_notify); floor "
+                        "and ref. bridge: READY on stdout (MQTT subscribed)", "signal_s"),
+                mm_line("Popen → first probe Heartbeat answered (probe running beforehand, "
+                        "retrying every 50 ms)", "probe_s")]
+        tables.append((f"start-up: seconds, median / max of {reps} fresh starts (the "
+                       "interpreter's start and imports included; ratios of medians)",
+                       HEAD.format("metric") + "\n" + "\n".join(rows)))
+        for run in trio:
+            s_ = (run or {}).get("startup")
+            if s_:
+                for key in ("port_s", "signal_s", "probe_s"):
+                    if s_[key + "_n"] != reps:
+                        notes.append(f"{run['system']} start-up: {key} seen in only "
+                                     f"{s_[key + '_n']} of {reps} starts")
+
+    # -- drain
+    d = report.get("drain")
+    if d:
+        rows = []
+        if "error" in d:
+            notes.append(f"drain FAILED: {d['error']}")
+        for r in d.get("drain", []):
+            fl, gw = r["floor"], r["gateway"]
+            g_rate = gw.get("msgs_s")
+            rows += [
+                f"| {r['backlog']:,}-message backlog after an outage (paho {r['paho']}, window "
+                f"{r['window']}): msg/s | {fmt(fl['msgs_s'])} | {fmt(g_rate)} | n/a, no buffer"
+                f" | {ratio(g_rate, fl['msgs_s'])} | – |",
+                f"| same, steady part (90 % → 10 % left): msg/s | {fmt(fl['msgs_s'])} | "
+                f"{fmt(gw.get('steady_msgs_s'))} | n/a, no buffer | "
+                f"{ratio(gw.get('steady_msgs_s'), fl['msgs_s'])} | – |",
+                f"| same: CPU µs per message | {fmt(fl.get('cpu_us_per_msg'), '{:.1f}')} | "
+                f"{fmt(gw.get('gw_cpu_us_per_msg'), '{:.1f}')} | n/a, no buffer | "
+                f"{ratio(gw.get('gw_cpu_us_per_msg'), fl.get('cpu_us_per_msg'))} | – |",
+                f"| same: empty after s from the gateway's start (its start-up) | – | "
+                f"{fmt(gw.get('time_to_empty_s'), '{:.1f}')} "
+                f"({fmt(gw.get('startup_s'), '{:.1f}')}) | n/a, no buffer | | |",
+            ]
+            if gw.get("error"):
+                notes.append(f"drain: ocpp-edge {gw['error']} {gw.get('gw_stderr')}")
+            worst = max(fl.get("cpu0_foreign_pct", 0), gw.get("cpu0_foreign_pct", 0))
+            if worst > 10:
+                notes.append(f"drain: other processes took {worst:.0f} % of CPU 0 -- disturbed")
+        tables.append(("backlog drain (bench/buffer_bench.py phase 3; floor = the same "
+                       "messages published from memory at QoS 1 with the same window and "
+                       "paho; target ocpp-edge / floor >= 0.8)",
+                       HEAD.format("metric") + "\n" + "\n".join(rows)))
+    return tables, notes
+
+
+def run_drain(args, kids, tmp):
+    """bench/buffer_bench.py phase 3 for --python: a --drain-backlog backlog drained by the
+    gateway beside its in-memory floor.  Returns buffer_bench's JSON report (or an error)."""
+    out = os.path.join(tmp, "drain.json")
+    argv = [args.python, os.path.join(BENCH, "buffer_bench.py"), "--phases", "3",
+            "--pythons", args.python, "--windows", str(args.drain_window),
+            "--backlog", str(args.drain_backlog), "--backlog-other", "0",
+            "--retries", str(args.retries), "--quiet-wait", str(args.quiet_wait),
+            "--mosquitto", args.mosquitto, "--json", out]
+    p = kids.start("drain", argv, None)
+    while True:                          # relay buffer_bench's progress lines
+        try:
+            line = p.lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        print("#   drain: " + line, flush=True)
+    p.p.wait()
+    rc = p.p.returncode
+    kids.stop(p)
+    try:
+        with open(out) as f:
+            rep = json.load(f)
+    except (OSError, ValueError) as exc:
+        return {"error": f"buffer_bench exit {rc}, no JSON ({exc}); {p.stderr_tail(5)}"}
+    rep["command"] = " ".join(argv)
+    if rc != 0:
+        rep["error"] = f"buffer_bench exit {rc}; {p.stderr_tail(5)}"
+    return rep
+
+
 # ----------------------------------------------------------------------------- main
 def default_python():
     venv = os.path.join(ROOT, ".venv", "bin", "python")
@@ -761,10 +1415,41 @@ def default_python():
 def parse_args():
     ap = argparse.ArgumentParser(
         description="Benchmark ocpp-edge against a bare WebSocket<->MQTT forwarder (the floor).",
-        epilog="The default run (make bench) takes about 2 minutes for both systems.",
+        epilog="The default phases (closed,open) take about 2 minutes for the three systems; "
+               "all phases about 15-18 minutes per interpreter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help="comma-separated subset of floor,ocpp-edge,refbridge")
+    ap.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                    help="comma-separated subset of " + ",".join(PHASES) + " or 'all' "
+                         "(see the module docstring)")
+    ap.add_argument("--idle-cps", default="1000,10000",
+                    help="idle phase: numbers of idle charge points (a fresh SUT for each)")
+    ap.add_argument("--idle-heartbeat", type=float, default=30.0,
+                    help="idle charge points send a Heartbeat every this many s")
+    ap.add_argument("--settle-max", type=float, default=20.0,
+                    help="idle phase: wait at most this long for the SUT's RSS to settle, s")
+    ap.add_argument("--wakeup-window", type=float, default=10.0,
+                    help="wakeups phase: seconds over which context switches are counted")
+    ap.add_argument("--cps-per-lg", type=int, default=2500,
+                    help="idle and scale phases: charge points per load generator process")
+    ap.add_argument("--connect-concurrency", type=int, default=25,
+                    help="idle and scale phases: connects in flight per load generator")
+    ap.add_argument("--scale-cps", default="10,1000,5000",
+                    help="scale phase: numbers of connected charge points")
+    ap.add_argument("--scale-rate", type=float, default=300.0,
+                    help="scale phase, open loop: CALLs/s over min(N, --scale-open-cps) CPs")
+    ap.add_argument("--scale-open-cps", type=int, default=200)
+    ap.add_argument("--scale-closed-cps", type=int, default=500,
+                    help="scale phase, closed loop: min(N, this) CPs under load")
+    ap.add_argument("--scale-duration", type=float, default=10.0,
+                    help="scale phase: seconds measured per window (0 skips the windows)")
+    ap.add_argument("--startup-reps", type=int, default=5,
+                    help="startup phase: timed starts per system")
+    ap.add_argument("--drain-backlog", type=int, default=1_000_000,
+                    help="drain phase: backlog drained by bench/buffer_bench.py phase 3")
+    ap.add_argument("--drain-window", type=int, default=200,
+                    help="drain phase: mqtt.max_inflight (the product's default is 200)")
     ap.add_argument("--python", default=default_python(),
                     help="interpreter for the SUT and the helpers "
                          "(default: ROOT/.venv/bin/python if it exists, else this one)")
@@ -787,8 +1472,9 @@ def parse_args():
     ap.add_argument("--retries", type=int, default=1,
                     help="measure a phase again (up to this many times) when other processes "
                          "took more than 5%% of CPU 0 or 15%% of CPU 1 during it")
-    ap.add_argument("--time-budget", type=float, default=175.0,
-                    help="no retry is started that would end the run after this many seconds")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="no retry is started that would end the run after this many seconds "
+                         "(default: 175 for closed,open; 1200 with more phases)")
     ap.add_argument("--sut-cpu", type=int, default=0, help="CPU the SUT is pinned to")
     ap.add_argument("--load-cpu", type=int, default=1,
                     help="CPU for mosquitto, the backend and the load generators")
@@ -819,7 +1505,19 @@ def parse_args():
     args = ap.parse_args()
     if args.smoke:
         args.closed_duration = args.open_duration = 5.0
+        args.scale_duration = min(args.scale_duration, 5.0)
+        args.wakeup_window = min(args.wakeup_window, 5.0)
+        args.startup_reps = min(args.startup_reps, 3)
         args.quiet_wait, args.retries = 0.0, 0
+    args.phases = PHASES if args.phases == "all" else [
+        p.strip() for p in args.phases.split(",") if p.strip()]
+    for p in args.phases:
+        if p not in PHASES:
+            ap.error(f"unknown phase {p!r} (known: {', '.join(PHASES)})")
+    if args.time_budget is None:
+        args.time_budget = 175.0 if set(args.phases) <= set(DEFAULT_PHASES) else 1200.0
+    args.idle_cps = [int(x) for x in args.idle_cps.split(",") if x.strip()]
+    args.scale_cps = [int(x) for x in args.scale_cps.split(",") if x.strip()]
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for s in args.systems:
         if s not in SYSTEMS:
@@ -851,6 +1549,7 @@ def main():
               "machine": machine_info(args.mosquitto), "source": source_info(),
               "systems": [], "skipped": []}
     t_start = args.started = time.monotonic()
+    report["nofile_limit"] = raise_nofile()
     try:
         report["interpreter"] = info = py_info(args.python)
         systems = list(args.systems)
@@ -871,8 +1570,11 @@ def main():
               f"paho-mqtt {info['paho-mqtt']}; ocpp-edge at {report['source']['commit']}"
               f" + {report['source']['ocpp_edge_changed_files']} changed file(s) in ocpp_edge/",
               flush=True)
+        if args.phases == ["drain"]:
+            systems = []
         for name in systems:
-            print(f"# running {name} ...", flush=True)
+            print(f"# running {name} ({', '.join(p for p in args.phases if p != 'drain')})"
+                  " ...", flush=True)
             run = SystemRun(name, args, kids, tmp)
             try:
                 report["systems"].append(run.run())
@@ -881,11 +1583,21 @@ def main():
                 report["systems"].append(run.result)
             finally:
                 kids.stop_all()
+        if "drain" in args.phases:
+            print(f"# drain: bench/buffer_bench.py phase 3, {args.drain_backlog:,} messages "
+                  "...", flush=True)
+            report["drain"] = run_drain(args, kids, tmp)
         report["elapsed_s"] = time.monotonic() - t_start
         table, notes = render(report)
-        if any("error" not in s for s in report["systems"]):
+        more, more_notes = render_more(report)
+        notes += more_notes
+        if any("error" not in s for s in report["systems"]) and \
+                set(args.phases) & {"closed", "open"}:
             print()
             print(table)
+        for title, t in more:
+            print(f"\n### {title}\n")
+            print(t)
         if notes:
             print()
             for n in notes:
