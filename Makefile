@@ -2,7 +2,12 @@
 #   make run    run the gateway in the foreground with etc/ocpp-edge.dev.conf
 #   make test   run the test suite (newest libraries)
 #   make test-bookworm   the same suite on Debian bookworm's library versions
-#   make bench  benchmarks (figures go to BENCHMARKS.md by hand)
+#   make bench  every benchmark figure (issue 8), Debian's python3 + bookworm packages, then
+#               the newest libraries (.venv); tables on stdout, JSON in $(BENCH_OUT)/
+#               (~35 min; figures go to BENCHMARKS.md by hand).  BENCH_ARGS is passed to
+#               bench/run.py, e.g. make bench BENCH_ARGS=--smoke
+#   make bench-quick   the former `make bench`: closed + open loop only, .venv (~2 min)
+#   make bench-drain   only the backlog drain (bench/buffer_bench.py phase 3), both interpreters
 #   make deb    the Debian package: dist/ocpp-edge_<version>_all.deb (+ lintian)
 #   make deb-test   build it, install it with apt into a fresh Debian bookworm booted
 #                   with systemd-nspawn, and check the service there (+ piuparts)
@@ -10,10 +15,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 BOOKWORM_VENV ?= .venv-bookworm
+# Debian's own interpreter and bookworm's python3-* packages (what the .deb runs on), plus
+# the reference bridge's `ocpp` and `websockets` from PyPI (--no-deps: keep Debian's jsonschema)
+DEBIAN_PYTHON ?= /usr/bin/python3
+DEBIAN_VENV ?= .venv-debian
+DEBIAN_PKGS := python3-venv python3-tornado python3-paho-mqtt python3-jsonschema \
+	python3-fastjsonschema python3-configobj python3-sdnotify
+BENCH_OUT ?= /tmp/ocpp-edge-bench
+BENCH_ARGS ?=
+BENCH_PHASES ?= closed,open,scale,idle,wakeups,startup,drain
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-bookworm bench venv mosquitto man-tools lint clean deb deb-test
+.PHONY: run test test-bookworm bench bench-quick bench-drain debian-venv venv mosquitto \
+	man-tools lint clean deb deb-test
 
 venv: $(VENV)/.installed
 
@@ -27,6 +42,19 @@ $(BOOKWORM_VENV)/.installed: pyproject.toml constraints/bookworm.txt
 	$(PYTHON) -m venv $(BOOKWORM_VENV)
 	$(BOOKWORM_VENV)/bin/pip install -q --upgrade pip
 	$(BOOKWORM_VENV)/bin/pip install -q -c constraints/bookworm.txt -e '.[test]'
+	touch $@
+
+# Debian's python3 with bookworm's packages (apt, when missing), in a venv that sees them.
+debian-venv: $(DEBIAN_VENV)/.installed
+
+$(DEBIAN_VENV)/.installed:
+	@missing=$$(for p in $(DEBIAN_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
+	  | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing $$missing (apt)"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	  $(SUDO) apt-get install -y -q $$missing; fi
+	test -x $(DEBIAN_VENV)/bin/python || $(DEBIAN_PYTHON) -m venv --system-site-packages $(DEBIAN_VENV)
+	$(DEBIAN_VENV)/bin/pip install -q --no-deps ocpp websockets
 	touch $@
 
 # Integration tests start their own Mosquitto; install it from Debian when missing.
@@ -53,8 +81,22 @@ test: venv mosquitto man-tools
 test-bookworm: $(BOOKWORM_VENV)/.installed mosquitto man-tools
 	$(BOOKWORM_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: venv mosquitto
-	$(VENV)/bin/python bench/run.py
+# Every figure: one bench/run.py per interpreter, floor + ocpp-edge + reference bridge in
+# each; the drain phase runs bench/buffer_bench.py phase 3 for that interpreter.
+bench: venv debian-venv mosquitto
+	mkdir -p $(BENCH_OUT)
+	$(DEBIAN_VENV)/bin/python bench/run.py --python $(DEBIAN_VENV)/bin/python \
+	  --phases $(BENCH_PHASES) --json $(BENCH_OUT)/debian.json $(BENCH_ARGS)
+	$(VENV)/bin/python bench/run.py --python $(VENV)/bin/python \
+	  --phases $(BENCH_PHASES) --json $(BENCH_OUT)/venv.json $(BENCH_ARGS)
+
+bench-quick: venv mosquitto
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+bench-drain: venv debian-venv mosquitto
+	mkdir -p $(BENCH_OUT)
+	$(VENV)/bin/python bench/buffer_bench.py --phases 3 --windows 200 --backlog-other 0 \
+	  --pythons $(DEBIAN_VENV)/bin/python,$(VENV)/bin/python --json $(BENCH_OUT)/drain.json
 
 lint: venv
 	$(VENV)/bin/pip install -q ruff
