@@ -46,6 +46,7 @@ import tornado.websocket
 from ocpp_edge.auth import Refusal
 from ocpp_edge.config import ListenerSettings
 from ocpp_edge.credentials import cid_problem
+from ocpp_edge.wsframes import BatchReadProtocol
 
 log = logging.getLogger("ocpp_edge.cp")
 
@@ -148,6 +149,14 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
             self.version = self.options.default_subprotocol  # used, never echoed
         return None
 
+    def get_websocket_protocol(self) -> Any:
+        # Tornado's protocol with the batch frame reader (wsframes.py); any other
+        # protocol Tornado might pick is left as it is.
+        proto = super().get_websocket_protocol()
+        if type(proto) is tornado.websocket.WebSocketProtocol13:
+            return BatchReadProtocol(self, False, proto.params)
+        return proto
+
     @property
     def max_message_size(self) -> int:  # type: ignore[override]
         # Tornado closes with 1009 (message too big) past this size.
@@ -205,11 +214,15 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
 
     def send_text(self, text: str) -> bool:
         """Queue a frame for the charge point; False if the socket is already gone."""
-        if not self._open or self.ws_connection is None:
+        ws = self.ws_connection
+        if not self._open or ws is None or ws.is_closing():
             return False
         try:
-            self.write_message(text)
-        except tornado.websocket.WebSocketClosedError:
+            if type(ws) is BatchReadProtocol:
+                ws.send_text(text)
+            else:
+                self.write_message(text)
+        except (tornado.websocket.WebSocketClosedError, tornado.iostream.StreamClosedError):
             return False
         return True
 
