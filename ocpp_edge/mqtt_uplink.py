@@ -222,6 +222,7 @@ class MqttUplink:
         if self._stopping:
             sock.close()
             return
+        sock = ReadBuffered(sock)
         client = _new_paho_client(self.client_id, self.clean_session)
         # We bound the window ourselves; paho's own limit rescans its queue on every ack.
         client.max_inflight_messages_set(0)
@@ -275,11 +276,11 @@ class MqttUplink:
             finally:
                 remove(ssock)
 
-    def _read(self, client: mqtt.Client, sock: socket.socket) -> None:
+    def _read(self, client: mqtt.Client, sock: ReadBuffered) -> None:
         client.loop_read()
-        # Records TLS has decrypted but paho has not read yet: the fd will not signal them.
-        while isinstance(sock, ssl.SSLSocket) and self._client is client \
-                and client.socket() is sock and sock.pending():
+        # Bytes already read from the kernel (and TLS records already decrypted) that paho
+        # has not consumed yet: the file descriptor will not signal them again.
+        while self._client is client and client.socket() is sock and sock.pending():
             client.loop_read()
 
     def _connack_timeout(self) -> None:
@@ -455,6 +456,62 @@ class MqttUplink:
                 self.kick()
             self._rate_handle = loop.call_later(1.0 / self.replay_rate, again)
         return allowed
+
+
+class ReadBuffered:
+    """The socket as paho sees it, with reads served from one buffer.
+
+    paho reads an MQTT packet with at least three ``recv`` calls (the type byte, each
+    remaining-length byte, the rest) and makes one more to find the socket empty: four
+    system calls per PUBACK, more per PUBLISH. Here one ``recv`` of up to 64 KiB per
+    readiness event fills a buffer that serves all of them; whatever paho has not consumed
+    when ``loop_read`` returns is reported by ``pending()`` (the read callback drains it).
+    Writes and everything else go straight to the socket.
+    """
+
+    __slots__ = ("sock", "_data", "_pos")
+    CHUNK = 65536
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._data = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        data, pos = self._data, self._pos
+        if pos >= len(data):
+            data = self.sock.recv(self.CHUNK)  # BlockingIOError/SSLWantRead*: paho's business
+            if len(data) <= n:
+                self._data, self._pos = b"", 0
+                return data  # includes b"" at EOF
+            self._data, self._pos = data, n
+            return data[:n]
+        end = pos + n
+        self._pos = end
+        if end >= len(data):
+            self._data, self._pos = b"", 0
+            return data[pos:] if pos else data
+        return data[pos:end]
+
+    def pending(self) -> int:
+        """Bytes received but not yet handed to paho (TLS: plus decrypted, unread bytes)."""
+        buffered = len(self._data) - self._pos
+        if isinstance(self.sock, ssl.SSLSocket):
+            buffered += self.sock.pending()
+        return buffered
+
+    def send(self, data: bytes) -> int:
+        return self.sock.send(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self._data, self._pos = b"", 0
+        self.sock.close()
+
+    def __getattr__(self, name: str) -> object:  # setblocking, settimeout, getpeername ...
+        return getattr(self.sock, name)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
