@@ -16,10 +16,13 @@ How:
 * ``commit`` — called by the gateway every ``fsync_interval`` while there are changes —
   commits the transaction: one WAL append + fsync (``synchronous=FULL``) for all the
   messages and deletions of that interval.
-* ``take`` hands out the oldest unsent records, read from the table after a cursor (one
-  SELECT per pump): a backlog of any size, or one found at start-up, goes out in order
-  ahead of new messages. Only while the disk refuses writes are records served from
-  memory (the spill).
+* ``take`` hands out the oldest unsent records after a cursor, in order: a backlog of any
+  size, or one found at start-up, goes out ahead of new messages. They are read from the
+  table ``READ_AHEAD`` rows per SELECT into a read-ahead queue; once the queue holds every
+  unsent row, new appends join it too, so a live gateway hands out what it just stored
+  without reading it back (bounded by ``AHEAD_MAX``; past that the table is read again).
+  The table stays the truth: anything unusual (a rewind, a drop, a failed write) empties
+  the queue. While the disk refuses writes, records are served from memory (the spill).
 * ``ack`` marks a record delivered; the contiguous acked prefix is DELETEd (a range delete)
   in the next commit. ``rewind`` makes everything in flight unsent again.
 * Full (``max_messages`` / ``max_bytes``): ``drop_oldest`` removes the oldest unsent
@@ -49,6 +52,8 @@ log = logging.getLogger("ocpp_edge.buffer")
 
 FILENAME = "buffer.sqlite3"
 SPILL_MAX = 20_000  # records held in memory at most while the disk refuses writes
+READ_AHEAD = 2_000  # rows read per SELECT when the table is read (a backlog drains)
+AHEAD_MAX = 4_000  # records at most in the read-ahead queue (~1-2 MB of MeterValues)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS msg (
     seq INTEGER PRIMARY KEY,          -- the durable identity; rows leave in seq order
@@ -100,6 +105,10 @@ class DiskBuffer:
         self._in_flight: deque[Record] = deque()
         self._uncommitted: list[Record] = []  # appended since the last good commit
         self._spill: deque[Record] = deque()  # appended while the disk refuses writes
+        # Unsent records after the cursor, contiguous from cursor + 1 (the read-ahead);
+        # _ahead_all: it holds every such row of the table, so appends may join it.
+        self._ahead: deque[Record] = deque()
+        self._ahead_all = False
         self._dropped: set[int] = set()  # dropped by policy since the last good commit
         self._delete_upto = 0  # every seq ≤ this is acked: range-deleted at commit
         self._deleted_upto = 0
@@ -188,6 +197,11 @@ class DiskBuffer:
                 return None
         if self._failing or not self._insert(rec):
             self._spill.append(rec)
+        elif self._ahead_all:
+            if len(self._ahead) < AHEAD_MAX:
+                self._ahead.append(rec)
+            else:
+                self._ahead_all = False  # the table has it; read it back when its turn comes
         self._uncommitted.append(rec)
         self._count += 1
         self.bytes += rec.size
@@ -206,13 +220,24 @@ class DiskBuffer:
 
     def take(self, n: int) -> list[Record]:
         """Hand out up to ``n`` unsent records, oldest first: the table's, then the spill."""
-        out: list[Record] = []
-        for seq, topic, payload, important in self._db.execute(
+        ahead = self._ahead
+        if len(ahead) < n and not self._ahead_all:
+            after = ahead[-1].seq if ahead else self._cursor
+            limit = max(n, READ_AHEAD)
+            rows = self._db.execute(
                 "SELECT seq, topic, payload, important FROM msg WHERE seq > ? "
-                "ORDER BY seq LIMIT ?", (self._cursor, n)):
-            out.append(Record(seq, topic, payload, bool(important)))
-        if self._dropped:  # a failed commit may have brought dropped rows back
-            out = [r for r in out if r.seq not in self._dropped]
+                "ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+            dropped = self._dropped  # a failed commit may have brought dropped rows back
+            ahead.extend(Record(seq, topic, payload, bool(important))
+                         for seq, topic, payload, important in rows
+                         if not dropped or seq not in dropped)
+            # Fewer rows than asked for: the queue now holds the table's whole unsent tail.
+            self._ahead_all = len(rows) < limit and not self._failing
+        if len(ahead) <= n:
+            out = list(ahead)
+            ahead.clear()
+        else:
+            out = [ahead.popleft() for _ in range(n)]
         if out:
             self._cursor = max(self._cursor, out[-1].seq)
         spill = self._spill
@@ -238,6 +263,7 @@ class DiskBuffer:
 
     def rewind(self) -> int:
         """The connection dropped: everything in flight becomes unsent again, in order."""
+        self._forget_ahead()
         n = len(self._in_flight)
         if n:
             first = self._in_flight[0].seq
@@ -250,6 +276,11 @@ class DiskBuffer:
                 self._spill.extendleft(reversed(back))
             self._in_flight.clear()
         return n
+
+    def _forget_ahead(self) -> None:
+        """Empty the read-ahead: the next ``take`` reads the table after the cursor."""
+        self._ahead.clear()
+        self._ahead_all = False
 
     # -- overflow --------------------------------------------------------------------------
 
@@ -266,6 +297,7 @@ class DiskBuffer:
         if victim is None:
             return False
         seq, size, topic = victim
+        self._forget_ahead()
         for rec in self._spill:
             if rec.seq == seq:
                 self._spill.remove(rec)
@@ -360,6 +392,7 @@ class DiskBuffer:
         # What the table held at the last good commit stays; the newer records are
         # served from memory (the spill) and written again at the next commit.
         self.write_errors += 1
+        self._forget_ahead()
         if not self._failing:
             unsent = {r.seq for r in self._in_flight}
             self._spill.extend(r for r in self._uncommitted

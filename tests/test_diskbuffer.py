@@ -261,3 +261,71 @@ def test_full_disk_never_raises_and_resumes(tiny_fs):
     assert got == sorted(got) and set(got) <= set(sent)
     assert set(range(1000)) <= set(got)  # what was committed before the disk filled
     assert set(range(2000, 2100)) <= set(got)  # and everything after it emptied
+
+
+# -- a model of the FIFO, for any interleaving of operations --------------------------------
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 300)),
+    st.tuples(st.just("take"), st.integers(1, 700)),
+    st.tuples(st.just("ack"), st.integers(0, 700)),
+    st.just(("rewind", 0)),
+    st.just(("commit", 0)),
+    st.just(("reopen", 0)),
+), max_size=40)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops)
+def test_any_interleaving_keeps_order_and_loses_nothing(tmp_path_factory, ops):
+    """Appends, takes (of any size, around the read-ahead's bounds), in-order acks,
+    rewinds, commits and clean reopenings, against a model: what is handed out is always
+    the oldest unsent messages in order, a message is handed out again only after a
+    rewind or a reopening, and draining at the end yields exactly the unacked ones."""
+    import ocpp_edge.diskbuffer as db_mod
+
+    d = tmp_path_factory.mktemp("fifo")
+    b = DiskBuffer(d, 10**6, 10**9)
+    next_id = 0
+    unacked: list[bytes] = []  # the model: stored and not acked, in order
+    in_flight: list = []  # records handed out and not acked, in order
+    sent = 0  # how many of unacked are in flight
+    small = (db_mod.READ_AHEAD, db_mod.AHEAD_MAX)
+    db_mod.READ_AHEAD, db_mod.AHEAD_MAX = 50, 120  # reach the bounds with small numbers
+    try:
+        for op, n in ops:
+            if op == "append":
+                for _ in range(n):
+                    payload = b"%d" % next_id
+                    next_id += 1
+                    assert b.append("t", payload) is not None
+                    unacked.append(payload)
+            elif op == "take":
+                got = b.take(n)
+                want = unacked[sent:sent + n]
+                assert [r.payload for r in got] == want
+                in_flight += got
+                sent += len(got)
+            elif op == "ack":
+                k = min(n, len(in_flight))
+                for rec in in_flight[:k]:
+                    b.ack(rec)
+                del in_flight[:k]
+                del unacked[:k]
+                sent -= k
+                assert len(b) == len(unacked)
+            elif op == "rewind":
+                assert b.rewind() == len(in_flight)
+                in_flight, sent = [], 0
+            elif op == "commit":
+                assert b.commit()
+            else:
+                b.close()
+                b = DiskBuffer(d, 10**6, 10**9)
+                in_flight, sent = [], 0
+        b.rewind()
+        assert drain(b) == unacked
+    finally:
+        db_mod.READ_AHEAD, db_mod.AHEAD_MAX = small
+        b.close()
