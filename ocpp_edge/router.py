@@ -15,6 +15,7 @@ charge point id), ``${action}``, ``${id}`` (UniqueId), ``${type}`` (MessageTypeI
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -125,6 +126,21 @@ def upstream_payload(msg: Message, action: str | None = None) -> dict:
     if action is not None:
         obj["Action"] = action
     return obj
+
+
+_json_text = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def upstream_text(msg: Message, action: str | None = None,
+                  payload_text: str | None = None) -> str:
+    """``upstream_payload`` as JSON text. With ``payload_text`` (a CALL/SEND payload as
+    the charge point wrote it, codec.payload_text) only the envelope is encoded; the
+    members are in the same order as ``upstream_payload``'s."""
+    if payload_text is not None and isinstance(msg, Call | Send):
+        # The action is plain message-name characters (codec._is_action): no escaping.
+        return (f'{{"MessageTypeId":{int(msg.type_id)},"UniqueId":{_json_text(msg.unique_id)},'
+                f'"Action":"{msg.action}","Payload":{payload_text}}}')
+    return _json_text(upstream_payload(msg, action))
 
 
 class DownstreamError(ValueError):

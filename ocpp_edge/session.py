@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ocpp_edge.ocppj.codec import decode, encode, error_for
+from ocpp_edge.ocppj.codec import decode, encode, error_for, payload_text
 from ocpp_edge.ocppj.errors import (
     GenericError,
     InternalError,
@@ -76,6 +76,9 @@ class ToChargePoint:
 class ToBackend:
     message: Message
     action: str | None = None
+    # A CALL/SEND payload's JSON text as the charge point sent it (codec.payload_text):
+    # published as it is instead of encoded again; None: encode ``message``.
+    payload_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +217,7 @@ class Session:
             return [ToChargePoint(encode(error_for(exc, self.version)))]
 
         if isinstance(msg, Call):
-            return self._call_from_cp(msg, now)
+            return self._call_from_cp(msg, now, text)
         if isinstance(msg, Send):
             problem = self._check(self.policy.check_upstream, msg.action, msg.payload, False)
             if problem is not None:
@@ -222,12 +225,12 @@ class Session:
                 log.warning("cp %s: invalid SEND %s dropped: %s", self.cid, msg.action,
                             problem.description)
                 return []
-            return [ToBackend(msg)]
+            return [ToBackend(msg, None, payload_text(text))]
         if isinstance(msg, CallResultError):
             return [ToBackend(msg)]
         return self._reply_from_cp(msg, now)
 
-    def _call_from_cp(self, call: Call, now: float) -> list[Effect]:
+    def _call_from_cp(self, call: Call, now: float, text: str | None = None) -> list[Effect]:
         problem = self._check(self.policy.check_upstream, call.action, call.payload, False)
         if problem is not None:
             problem.unique_id = call.unique_id
@@ -237,7 +240,7 @@ class Session:
             # A retransmission (same id) is republished and its deadline restarts.
             self._from_cp.pop(call.unique_id, None)
             self._from_cp[call.unique_id] = (call.action, now + self.policy.upstream_timeout)
-        return [ToBackend(call)]
+        return [ToBackend(call, None, payload_text(text) if text is not None else None)]
 
     def _reply_from_cp(self, reply: CallResult | CallError, now: float) -> list[Effect]:
         out: list[Effect] = []

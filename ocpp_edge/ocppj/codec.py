@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from ocpp_edge.ocppj.errors import (
     UNKNOWN_ID,
@@ -78,6 +79,36 @@ def _is_action(value: object) -> bool:
     # follow that pattern. Restricting the alphabet keeps actions safe in topics and logs.
     return (isinstance(value, str) and 0 < len(value) <= MAX_ACTION_LENGTH
             and value.isascii() and value.replace("_", "").replace("-", "").isalnum())
+
+
+# The head of a CALL or SEND frame, up to the comma before its payload; JSON whitespace only
+# (RFC 8259 §2), a MessageId without escapes' quotes, an action of plain message-name
+# characters. Anything unusual simply does not match.
+_WS = "[ \t\n\r]*"
+_CALL_HEAD = re.compile(_WS + r"\[" + _WS + "[26]" + _WS + "," + _WS + r'"(?:[^"\\]|\\.)*"'
+                        + _WS + "," + _WS + r'"[A-Za-z0-9_-]+"' + _WS + "," + _WS)
+
+
+def payload_text(text: str) -> str | None:
+    """The payload of a CALL or SEND frame as the charge point wrote it, or None.
+
+    Only for a frame ``decode`` accepted as a CALL or SEND: the whole frame is then a valid
+    JSON array of four elements, so once the head (type, id, action) is matched token by
+    token, what remains up to the closing bracket is exactly the payload's own JSON text.
+    It goes upstream as it is instead of being encoded again (the object ``decode`` built
+    is what validation checked, and it is the same JSON value). None for a layout the
+    head pattern does not cover (an escaped action, say): the caller encodes the object.
+    """
+    head = _CALL_HEAD.match(text)
+    if head is None:
+        return None
+    end = len(text.rstrip(" \t\n\r")) - 1
+    if end <= head.end() or text[end] != "]":
+        return None
+    raw = text[head.end():end].rstrip(" \t\n\r")
+    if raw[:1] != "{" or raw[-1:] != "}":
+        return None
+    return raw
 
 
 def decode(text: str, version: str = Version.V16) -> Message:
