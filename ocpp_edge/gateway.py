@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
 
@@ -41,7 +40,7 @@ from ocpp_edge.mqtt_uplink import MqttUplink
 from ocpp_edge.ocppj.errors import FormatViolation
 from ocpp_edge.ocppj.messages import Call, CallError, Message
 from ocpp_edge.ops import Operations
-from ocpp_edge.router import DownstreamError, Router, TopicError, parse_downstream, upstream_payload
+from ocpp_edge.router import DownstreamError, Router, TopicError, parse_downstream, upstream_text
 from ocpp_edge.session import (
     CloseConnection,
     Effect,
@@ -55,7 +54,6 @@ from ocpp_edge.validation import Validator
 log = logging.getLogger("ocpp_edge.gateway")
 
 # ASCII JSON: lone surrogates a peer may send as escapes stay escapes (see codec.py).
-_json = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 # Transaction messages are money: the buffer drops them last (issue "Disk buffer").
 TRANSACTION_ACTIONS = frozenset({"StartTransaction", "StopTransaction", "MeterValues",
@@ -128,6 +126,7 @@ class Gateway:
         # is found when the timer fires, so only an earlier one re-arms (no per-message
         # timer churn, nothing scans all sessions).
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        self._warm_handle: asyncio.Handle | None = None
         self.ports: list[int] = []  # bound ports, in listener order (port 0 → real port)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Told when a charge point comes or goes or the upstream link changes (STATUS=).
@@ -186,13 +185,12 @@ class Gateway:
                      listener.url, path, listener.settings.key, listener.settings.profile,
                      ", anonymous allowed" if listener.settings.allow_anonymous else "")
         self.uplink.start()
-        if self.validator is not None:
-            self._loop.call_soon(self._warm_up)
 
     def _warm_up(self) -> None:
-        # Compile one schema per loop turn until all are ready (see validation.py).
+        # Compile one schema per loop turn until all queued are ready (see validation.py).
+        self._warm_handle = None
         if self.validator is not None and self.validator.warm_up_step():
-            self._loop.call_soon(self._warm_up)  # type: ignore[union-attr]
+            self._warm_handle = self._loop.call_soon(self._warm_up)  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         self.ops.stop()
@@ -323,6 +321,9 @@ class Gateway:
             old.close_and_forget(CLOSE_NORMAL, "replaced by a new connection")
             self._end_session(conn.cid, "replaced by a new connection")
         self.connections[conn.cid] = conn
+        if self.validator is not None and self.validator.warm_up(conn.version or "") \
+                and self._warm_handle is None and self._loop is not None:
+            self._warm_handle = self._loop.call_soon(self._warm_up)  # first of its version
         self.sessions[conn.cid] = Session(conn.cid, conn.version or "", self.now(), self.policy)
         self._arm(conn.cid)
         log.info("cp %s: connected from %s using %s (%s, %s)", conn.cid, conn.peer,
@@ -378,7 +379,8 @@ class Gateway:
                         self.ops.to_cp(cid, effect.text)
             elif isinstance(effect, ToBackend):
                 try:
-                    self._publish(cid, session.version, effect.message, effect.action)
+                    self._publish(cid, session.version, effect.message, effect.action,
+                                  effect.payload_text)
                 except TopicError as exc:
                     msg = effect.message
                     log.warning("cp %s: cannot publish message %s: %s", cid,
@@ -417,9 +419,10 @@ class Gateway:
             return
         self._apply(session, session.on_timer(self.now()))
 
-    def _publish(self, cid: str, proto: str, msg: Message, action: str | None) -> None:
+    def _publish(self, cid: str, proto: str, msg: Message, action: str | None,
+                 payload_text: str | None = None) -> None:
         topic = self.router.upstream_topic(cid, proto, msg, action)
-        payload = _json.encode(upstream_payload(msg, action)).encode()
+        payload = upstream_text(msg, action, payload_text).encode()
         important = isinstance(msg, Call) and msg.action in TRANSACTION_ACTIONS
         accepted = self.buffer.append(topic, payload, important) is not None
         self.ops.upstream(cid, msg, action, accepted)

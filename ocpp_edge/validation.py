@@ -4,9 +4,13 @@ The schemas are read from disk once at start-up (one directory per protocol:
 ``ocpp1.6/``, ``ocpp2.0.1/``, ``ocpp2.1/``) and compiled with fastjsonschema, which
 generates Python code per schema: 10–20× faster per message than jsonschema's
 interpreter on the same schemas (notes/performance.md). Compiling all ~390 schemas takes
-several seconds on a Pi, so start-up only reads them; each is compiled on first use, and
-a background warm-up compiles the rest one per event-loop turn (``warm_up_step``), so no
-message waits for more than its own schema. A schema fastjsonschema cannot compile is
+several seconds on a Pi and the compiled code is large (measured with bookworm's
+fastjsonschema: ~2.5 MB resident for 1.6's, ~10 MB for 2.0.1's, ~28 MB for 2.1's), so
+start-up only reads them. Each is compiled on first use; and once a charge point speaking
+a version has connected (``warm_up``), a background warm-up compiles the rest of that
+version's schemas one per event-loop turn (``warm_up_step``), so no message waits for
+more than its own schema, and a site whose charge points all speak 1.6 never pays for
+2.x's code. A schema fastjsonschema cannot compile is
 validated with jsonschema instead (logged once).
 
 Errors map onto the OCPP-J codes (1.6 §4.2.3, 2.0.1 Part 4 §4.3): a missing required
@@ -114,7 +118,8 @@ class Validator:
                     count += 1
             if count == 0:
                 raise SchemaError(f"{folder} holds no OCPP schemas")
-        self._warm_queue = list(self._schemas)
+        self._warm_queue: list[tuple[str, str]] = []
+        self._warming: set[str] = set()  # versions queued for the warm-up
 
     def __len__(self) -> int:
         return len(self._schemas)
@@ -133,6 +138,16 @@ class Validator:
                 fn = _JsonSchemaFallback(schema)
             self._compiled[key] = fn
         return fn
+
+    def warm_up(self, version: str) -> bool:
+        """Queue ``version``'s schemas for the background warm-up; False if that was done
+        already (or there are none)."""
+        if version in self._warming:
+            return False
+        self._warming.add(version)
+        keys = [k for k in self._schemas if k[0] == version and k not in self._compiled]
+        self._warm_queue[:0] = keys  # popped from the end: the queue's older versions first
+        return bool(keys)
 
     def warm_up_step(self) -> bool:
         """Compile one more schema; False when all are compiled."""
