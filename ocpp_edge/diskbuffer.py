@@ -10,12 +10,16 @@ library; the measurements that decided it over a hand-written log are in BENCHMA
 
 How:
 
-* ``append`` INSERTs into an open transaction (no disk write yet) and returns a
-  :class:`~ocpp_edge.buffer.Record`; the buffer's ``seq`` (the row id) is the durable
-  identity, paho's mid is only a handle.
+* ``append`` returns a :class:`~ocpp_edge.buffer.Record` at once; the buffer's ``seq``
+  (the row id) is the durable identity, paho's mid is only a handle. The row is INSERTed
+  later, in one ``executemany`` with the others of its interval: at the next commit, or
+  before anything reads the table.
 * ``commit`` — called by the gateway every ``fsync_interval`` while there are changes —
   commits the transaction: one WAL append + fsync (``synchronous=FULL``) for all the
-  messages and deletions of that interval.
+  messages and deletions of that interval. A message the broker acknowledged before its
+  commit is not written at all: it is delivered, and writing it only to delete it would
+  cost CPU and flash wear for nothing. Nothing is durable before its commit either way,
+  so the guarantee is the same.
 * ``take`` hands out the oldest unsent records after a cursor, in order: a backlog of any
   size, or one found at start-up, goes out ahead of new messages. They are read from the
   table ``READ_AHEAD`` rows per SELECT into a read-ahead queue; once the queue holds every
@@ -104,6 +108,7 @@ class DiskBuffer:
         self._cursor = 0  # every row with seq ≤ cursor has been handed out (or acked)
         self._in_flight: deque[Record] = deque()
         self._uncommitted: list[Record] = []  # appended since the last good commit
+        self._pending: list[Record] = []  # appended, not INSERTed yet (see _flush)
         self._spill: deque[Record] = deque()  # appended while the disk refuses writes
         # Unsent records after the cursor, contiguous from cursor + 1 (the read-ahead);
         # _ahead_all: it holds every such row of the table, so appends may join it.
@@ -195,9 +200,11 @@ class DiskBuffer:
             if not self._drop_one(rec, spill_only=spill_full):
                 self._count_drop(rec.topic)
                 return None
-        if self._failing or not self._insert(rec):
+        if self._failing:
             self._spill.append(rec)
-        elif self._ahead_all:
+        else:
+            self._pending.append(rec)
+        if not self._failing and self._ahead_all:
             if len(self._ahead) < AHEAD_MAX:
                 self._ahead.append(rec)
             else:
@@ -208,11 +215,19 @@ class DiskBuffer:
         self._touch()
         return rec
 
-    def _insert(self, rec: Record) -> bool:
+    def _flush(self) -> bool:
+        """INSERT the pending records not yet acknowledged (into the open transaction);
+        False if the disk refused (then they are served from the spill)."""
+        pending = self._pending
+        if not pending:
+            return True
+        self._pending = []
+        rows = [(r.seq, r.topic, r.payload, int(r.important)) for r in pending if not r.acked]
+        if not rows:
+            return True
         try:
-            self._db.execute("INSERT INTO msg (seq, topic, payload, important) "
-                             "VALUES (?,?,?,?)",
-                             (rec.seq, rec.topic, rec.payload, int(rec.important)))
+            self._db.executemany("INSERT INTO msg (seq, topic, payload, important) "
+                                 "VALUES (?,?,?,?)", rows)
         except sqlite3.Error as exc:
             self._write_failed(exc)
             return False
@@ -222,6 +237,7 @@ class DiskBuffer:
         """Hand out up to ``n`` unsent records, oldest first: the table's, then the spill."""
         ahead = self._ahead
         if len(ahead) < n and not self._ahead_all:
+            self._flush()  # the table must hold everything before it is read
             after = ahead[-1].seq if ahead else self._cursor
             limit = max(n, READ_AHEAD)
             rows = self._db.execute(
@@ -321,6 +337,7 @@ class DiskBuffer:
     def _find_victim(self, expendable_only: bool, newest: bool,
                      spill_only: bool = False) -> tuple | None:
         """(seq, size, topic) of the oldest (newest) unsent message that may go."""
+        self._flush()  # the table must hold everything before it is read
         floor = self._cursor  # everything at or below it is in flight or gone
         spill = [r for r in self._spill if r.seq > floor and not r.acked
                  and (not expendable_only or not r.important)]
@@ -352,6 +369,8 @@ class DiskBuffer:
         """Make everything appended, acked and dropped so far durable (one fsync)."""
         if not self.dirty:
             return True
+        if not self._failing and not self._flush():
+            return False
         db = self._db
         try:
             if self._failing:

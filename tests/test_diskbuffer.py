@@ -46,6 +46,20 @@ class TestFifo:
         b = DiskBuffer(tmp_path, 1000, 10**7)
         assert drain(b) == [b"m%d" % i for i in range(2, 10)]  # m2 was never acked
 
+    def test_only_what_is_unacknowledged_at_commit_is_written(self, tmp_path):
+        import sqlite3
+        b = DiskBuffer(tmp_path, 1000, 10**7)
+        for i in range(100):
+            b.append("t", b"%d" % i)
+        for rec in b.take(60):
+            b.ack(rec)  # delivered within the commit interval
+        assert b.commit()
+        rows = sqlite3.connect(tmp_path / FILENAME).execute(
+            "SELECT payload FROM msg ORDER BY seq").fetchall()
+        assert [r[0] for r in rows] == [b"%d" % i for i in range(60, 100)]
+        b.close()
+        assert drain(DiskBuffer(tmp_path, 1000, 10**7)) == [b"%d" % i for i in range(60, 100)]
+
     def test_rewind_sends_in_flight_again_in_order(self, tmp_path):
         b = DiskBuffer(tmp_path, 1000, 10**7)
         for i in range(5):
