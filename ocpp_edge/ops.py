@@ -104,13 +104,15 @@ class BacklogClock:
 class _Client:
     """What the admin endpoint and the events say about one connection."""
 
-    __slots__ = ("conn", "session", "info", "connected_at", "last_rx", "rx", "tx",
-                 "orphans", "schema", "calls")
+    __slots__ = ("conn", "session", "keepalive", "node", "connected_at", "last_rx", "rx",
+                 "tx", "orphans", "schema", "calls")
 
-    def __init__(self, conn: ChargePointHandler, session: Session, info: dict) -> None:
+    def __init__(self, conn: ChargePointHandler, session: Session, keepalive: float,
+                 node: str) -> None:
         self.conn = conn
         self.session = session
-        self.info = info  # the fields both events carry (presence.client_info)
+        self.keepalive = keepalive
+        self.node = node
         self.connected_at = conn.connected_at or time.time()
         self.last_rx: float | None = None
         self.rx = 0
@@ -118,6 +120,18 @@ class _Client:
         self.orphans = 0  # the session's counters as last seen, to split them by direction
         self.schema = 0
         self.calls: dict[str, str] = {}  # UniqueId -> action of its CALLs in flight
+
+    @property
+    def info(self) -> dict:
+        """The fields both events carry (presence.client_info), made when asked for: one
+        dict per connected charge point would cost ~0.5 KB each for two uses."""
+        conn = self.conn
+        return presence.client_info(
+            cid=conn.cid, username=basic_username(conn.authorization), ip=conn.peer,
+            peer_port=_peer_port(conn), sock_port=conn.listener.port,
+            subprotocol=conn.version or "", listener=conn.listener.settings.key,
+            auth=conn.auth_method or "anonymous", connected_at=self.connected_at,
+            keepalive=self.keepalive, node=self.node)
 
 
 def basic_username(authorization: str | None) -> str | None:
@@ -218,15 +232,9 @@ class Operations:
     # -- hooks (see the module docstring) -----------------------------------------------
 
     def cp_connected(self, conn: ChargePointHandler, session: Session) -> None:
-        settings = self.gw.settings
-        info = presence.client_info(
-            cid=conn.cid, username=basic_username(conn.authorization), ip=conn.peer,
-            peer_port=_peer_port(conn), sock_port=conn.listener.port,
-            subprotocol=conn.version or "", listener=conn.listener.settings.key,
-            auth=conn.auth_method or "anonymous",
-            connected_at=conn.connected_at or time.time(),
-            keepalive=settings.ocpp.default_heartbeat_interval, node=self.node)
-        client = _Client(conn, session, info)
+        client = _Client(conn, session, self.gw.settings.ocpp.default_heartbeat_interval,
+                         self.node)
+        info = client.info
         self._clients[conn.cid] = client
         self.metrics.connection_opened(conn.listener.settings.key)
         # Appended before anything the charge point sends: on the wire before its

@@ -37,8 +37,9 @@ import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from ocpp_edge.ocppj.codec import decode, encode, error_for, payload_text
 from ocpp_edge.ocppj.errors import (
@@ -135,8 +136,18 @@ def _label(table: dict[str, str], uid: str, action: str) -> None:
         del table[next(iter(table))]
 
 
+# Most sessions never count anything: they share this until their first count.
+_NO_COUNTS: Mapping[str, int] = MappingProxyType({
+    "malformed": 0, "orphan_replies": 0, "timeouts_upstream": 0, "timeouts_dnstream": 0,
+    "schema_failures": 0, "queue_full": 0})
+
+
 class Session:
     """One charge point, one protocol version, for the life of one WebSocket."""
+
+    # One per connected charge point: no per-instance __dict__ (issue "Performance").
+    __slots__ = ("cid", "version", "policy", "state", "_from_cp", "_in_flight", "_queue",
+                 "_to_cp_labels", "_hb_interval", "_hb_start", "_last_rx", "counters")
 
     def __init__(self, cid: str, version: str, now: float,
                  policy: Policy | None = None) -> None:
@@ -149,14 +160,19 @@ class Session:
         self._from_cp: dict[str, tuple[str, float]] = {}
         # backend → charge point
         self._in_flight: _Outgoing | None = None
-        self._queue: deque[Call] = deque()
+        # An empty deque costs ~760 bytes (its first block): () until a CALL has to wait.
+        self._queue: deque[Call] | tuple[()] = ()
         self._to_cp_labels: dict[str, str] = {}  # non-strict downstream: id → action
         # liveness (EMQX keepalive: sampled every interval since the timer started)
         self._hb_interval = self.policy.heartbeat_interval
         self._hb_start = now
         self._last_rx = now
-        self.counters = {"malformed": 0, "orphan_replies": 0, "timeouts_upstream": 0,
-                         "timeouts_dnstream": 0, "schema_failures": 0, "queue_full": 0}
+        self.counters: Mapping[str, int] = _NO_COUNTS  # a dict of its own once one counts
+
+    def _count(self, key: str) -> None:
+        if self.counters is _NO_COUNTS:
+            self.counters = dict(_NO_COUNTS)
+        self.counters[key] += 1  # type: ignore[index]
 
     # -- introspection -----------------------------------------------------------------
 
@@ -203,7 +219,7 @@ class Session:
         try:
             msg = decode(text, self.version)
         except OcppError as exc:
-            self.counters["malformed"] += 1
+            self._count("malformed")
             log.warning("cp %s: malformed message (%s): %s", self.cid,
                         exc.code_for(self.version), exc.description)
             if exc.type_id in (MessageType.CALLERROR, MessageType.CALLRESULTERROR):
@@ -247,7 +263,7 @@ class Session:
         if self.policy.dnstream_strict:
             flight = self._in_flight
             if flight is None or flight.call.unique_id != reply.unique_id:
-                self.counters["orphan_replies"] += 1
+                self._count("orphan_replies")
                 log.info("cp %s: reply %s matches no pending CALL; dropped", self.cid,
                          reply.unique_id)
                 return []
@@ -305,12 +321,14 @@ class Session:
         if flight is None:
             return self._start(call, now)
         if len(self._queue) >= self.policy.max_queue:
-            self.counters["queue_full"] += 1
+            self._count("queue_full")
             return [self._error_to_backend(
                 call, GenericError("").code_for(self.version),
                 f"queue for charge point {self.cid} is full "
                 f"({self.policy.max_queue} CALLs waiting)")]
-        self._queue.append(call)
+        if not self._queue:
+            self._queue = deque()
+        self._queue.append(call)  # type: ignore[union-attr]
         return []
 
     def _reply_from_backend(self, reply: CallResult | CallError) -> list[Effect]:
@@ -318,7 +336,7 @@ class Session:
         if self.policy.upstream_strict:
             entry = self._from_cp.pop(reply.unique_id, None)
             if entry is None:
-                self.counters["orphan_replies"] += 1
+                self._count("orphan_replies")
                 log.info("cp %s: backend reply %s matches no pending CALL; dropped",
                          self.cid, reply.unique_id)
                 return []
@@ -354,7 +372,10 @@ class Session:
 
     def _next_downstream(self, now: float) -> list[Effect]:
         if self._in_flight is None and self._queue:
-            return self._start(self._queue.popleft(), now)
+            call = self._queue.popleft()  # type: ignore[union-attr]
+            if not self._queue:
+                self._queue = ()
+            return self._start(call, now)
         return []
 
     def _error_to_backend(self, call: Call, code: str, description: str) -> ToBackend:
@@ -372,7 +393,7 @@ class Session:
             if deadline > now:
                 break
             del self._from_cp[uid]
-            self.counters["timeouts_upstream"] += 1
+            self._count("timeouts_upstream")
             log.warning("cp %s: backend did not answer %s %s within %g s", self.cid, action,
                         uid, self.policy.upstream_timeout)
             out.append(ToChargePoint(encode(CallError(
@@ -387,7 +408,7 @@ class Session:
                 out.append(ToChargePoint(flight.text))
             else:
                 self._in_flight = None
-                self.counters["timeouts_dnstream"] += 1
+                self._count("timeouts_dnstream")
                 log.warning("cp %s: no answer to %s %s", self.cid, flight.call.action,
                             flight.call.unique_id)
                 out.append(self._error_to_backend(
@@ -413,7 +434,7 @@ class Session:
         self.state = State.CLOSED
         pending = ([self._in_flight.call] if self._in_flight else []) + list(self._queue)
         self._in_flight = None
-        self._queue.clear()
+        self._queue = ()
         self._from_cp.clear()
         code = GenericError("").code_for(self.version)
         return [self._error_to_backend(
@@ -428,7 +449,7 @@ class Session:
             return None
         problem = checker(self.version, action, payload, response)
         if problem is not None:
-            self.counters["schema_failures"] += 1
+            self._count("schema_failures")
             if not isinstance(problem, NotImplementedError_):
                 log.warning("cp %s: %s %s failed schema check: %s", self.cid, action,
                             "response" if response else "request", problem.description)
