@@ -125,7 +125,7 @@ class Gateway:
         # One timer per session, armed at its next deadline; a deadline that moves later
         # is found when the timer fires, so only an earlier one re-arms (no per-message
         # timer churn, nothing scans all sessions).
-        self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # its .when() is the deadline
         self._warm_handle: asyncio.Handle | None = None
         self.ports: list[int] = []  # bound ports, in listener order (port 0 → real port)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -362,7 +362,7 @@ class Gateway:
         session = self.sessions.pop(cid, None)
         timer = self._timers.pop(cid, None)
         if timer is not None:
-            timer[1].cancel()
+            timer.cancel()
         if session is not None:
             self._apply(session, session.close(reason))
         self.ops.cp_gone(cid, session, reason)
@@ -405,13 +405,12 @@ class Gateway:
         session = self.sessions[cid]
         deadline = session.next_deadline()
         armed = self._timers.get(cid)
-        if deadline is None or (armed is not None and armed[0] <= deadline):
+        if deadline is None or (armed is not None and armed.when() <= deadline):
             return
         if armed is not None:
-            armed[1].cancel()
+            armed.cancel()
         assert self._loop is not None
-        handle = self._loop.call_at(deadline, self._fire, cid, session)
-        self._timers[cid] = (deadline, handle)
+        self._timers[cid] = self._loop.call_at(deadline, self._fire, cid, session)
 
     def _fire(self, cid: str, session: Session) -> None:
         self._timers.pop(cid, None)

@@ -280,6 +280,8 @@ class Operations:
             client.tx += 1
             if type_digit in ("3", "4", "5"):  # a reply to one of the charge point's CALLs
                 action = client.calls.pop(uid, None)
+                if not client.calls:
+                    client.calls.clear()  # back to an empty dict's 64 bytes
         self.metrics.message(DNSTREAM, name, action)
         if word is not None and type_digit in ("4", "5"):
             self.metrics.callerror(DNSTREAM, word)
