@@ -204,11 +204,11 @@ class DiskBuffer:
             self._spill.append(rec)
         else:
             self._pending.append(rec)
-        if not self._failing and self._ahead_all:
-            if len(self._ahead) < AHEAD_MAX:
-                self._ahead.append(rec)
-            else:
-                self._ahead_all = False  # the table has it; read it back when its turn comes
+            if self._ahead_all:
+                if len(self._ahead) < AHEAD_MAX:
+                    self._ahead.append(rec)
+                else:
+                    self._ahead_all = False  # the table will have it; read back in its turn
         self._uncommitted.append(rec)
         self._count += 1
         self.bytes += rec.size

@@ -469,13 +469,14 @@ class ReadBuffered:
     Writes and everything else go straight to the socket.
     """
 
-    __slots__ = ("sock", "_data", "_pos")
+    __slots__ = ("sock", "_data", "_pos", "_tls")
     CHUNK = 65536
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._data = b""
         self._pos = 0
+        self._tls = isinstance(sock, ssl.SSLSocket)
 
     def recv(self, n: int) -> bytes:
         data, pos = self._data, self._pos
@@ -496,8 +497,8 @@ class ReadBuffered:
     def pending(self) -> int:
         """Bytes received but not yet handed to paho (TLS: plus decrypted, unread bytes)."""
         buffered = len(self._data) - self._pos
-        if isinstance(self.sock, ssl.SSLSocket):
-            buffered += self.sock.pending()
+        if self._tls:
+            buffered += self.sock.pending()  # type: ignore[attr-defined]
         return buffered
 
     def send(self, data: bytes) -> int:

@@ -15,12 +15,11 @@ charge point id), ``${action}``, ``${id}`` (UniqueId), ``${type}`` (MessageTypeI
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ocpp_edge.ocppj.codec import parse_json
+from ocpp_edge.ocppj.codec import dump_json, parse_json
 from ocpp_edge.ocppj.messages import (
     Call,
     CallError,
@@ -128,9 +127,6 @@ def upstream_payload(msg: Message, action: str | None = None) -> dict:
     return obj
 
 
-_json_text = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-
-
 def upstream_text(msg: Message, action: str | None = None,
                   payload_text: str | None = None) -> str:
     """``upstream_payload`` as JSON text. With ``payload_text`` (a CALL/SEND payload as
@@ -138,9 +134,9 @@ def upstream_text(msg: Message, action: str | None = None,
     members are in the same order as ``upstream_payload``'s."""
     if payload_text is not None and isinstance(msg, Call | Send):
         # The action is plain message-name characters (codec._is_action): no escaping.
-        return (f'{{"MessageTypeId":{int(msg.type_id)},"UniqueId":{_json_text(msg.unique_id)},'
+        return (f'{{"MessageTypeId":{int(msg.type_id)},"UniqueId":{dump_json(msg.unique_id)},'
                 f'"Action":"{msg.action}","Payload":{payload_text}}}')
-    return _json_text(upstream_payload(msg, action))
+    return dump_json(upstream_payload(msg, action))
 
 
 class DownstreamError(ValueError):

@@ -246,7 +246,7 @@ class Session:
             return [ToBackend(msg)]
         return self._reply_from_cp(msg, now)
 
-    def _call_from_cp(self, call: Call, now: float, text: str | None = None) -> list[Effect]:
+    def _call_from_cp(self, call: Call, now: float, text: str) -> list[Effect]:
         problem = self._check(self.policy.check_upstream, call.action, call.payload, False)
         if problem is not None:
             problem.unique_id = call.unique_id
@@ -256,7 +256,7 @@ class Session:
             # A retransmission (same id) is republished and its deadline restarts.
             self._from_cp.pop(call.unique_id, None)
             self._from_cp[call.unique_id] = (call.action, now + self.policy.upstream_timeout)
-        return [ToBackend(call, None, payload_text(text) if text is not None else None)]
+        return [ToBackend(call, None, payload_text(text))]
 
     def _reply_from_cp(self, reply: CallResult | CallError, now: float) -> list[Effect]:
         out: list[Effect] = []

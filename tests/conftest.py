@@ -7,6 +7,8 @@ process, and the backend is a paho client.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import queue
@@ -42,6 +44,20 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | Non
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+async def ws_open(port: int, path: str, protocol: str | None = None):
+    """A raw RFC 6455 client handshake on asyncio streams (for tests that then write
+    frames byte by byte); returns (reader, writer) once the server answered 101."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    offer = f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else ""
+    writer.write((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n{offer}"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
 
 
 def mosquitto_binary() -> str:

@@ -4,12 +4,11 @@ connected charge point keeps (issue "Performance": idle memory per charge point)
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import sys
 
 import tornado.web
 import tornado.websocket
+from conftest import ws_open
 
 from ocpp_edge.config import Listen, ListenerSettings
 from ocpp_edge.cp_server import ChargePointHandler, Listener, ServerOptions, make_application
@@ -49,17 +48,6 @@ class Bare(tornado.websocket.WebSocketHandler):
         Bare.seen.append(self)
 
 
-async def _connect(port: int, path: str) -> asyncio.StreamWriter:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  "Sec-WebSocket-Protocol: ocpp1.6\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return writer
-
-
 def test_a_charge_point_handler_costs_no_more_dict_than_a_bare_handler():
     """CPython shares an instance dict's keys up to 30 of them; past that each handler
     gets a dict of its own (~1.3 KB more per connection): ChargePointHandler keeps its
@@ -76,7 +64,8 @@ def test_a_charge_point_handler_costs_no_more_dict_than_a_bare_handler():
         bare = tornado.web.Application([(r"/b/(\w+)", Bare, {"fwd": 1})]).listen(
             0, "127.0.0.1")
         try:
-            writers = [await _connect(next(iter(s._sockets.values())).getsockname()[1], p)
+            writers = [(await ws_open(next(iter(s._sockets.values())).getsockname()[1], p,
+                                      "ocpp1.6"))[1]
                        for s, p in ((ours, "/ocpp/CP1"), (bare, "/b/x"))]
             for _ in range(100):
                 if hub.conns and Bare.seen:

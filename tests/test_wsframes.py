@@ -10,7 +10,6 @@ another one.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import random
 import struct
@@ -18,6 +17,7 @@ import struct
 import pytest
 import tornado.web
 import tornado.websocket
+from conftest import ws_open
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -72,14 +72,7 @@ class Server:
         self.port = next(iter(self.server._sockets.values())).getsockname()[1]
 
     async def connect(self, name: str):
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write((f"GET /{name} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return reader, writer
+        return await ws_open(self.port, f"/{name}")
 
     async def wait_for(self, predicate, timeout=5.0):
         deadline = asyncio.get_running_loop().time() + timeout
@@ -88,8 +81,16 @@ class Server:
             await asyncio.sleep(0.005)
 
 
-def run(coro):
-    return asyncio.run(coro)
+def serve(scenario):
+    """Run ``scenario(server)`` on a fresh server, stopping it whatever happens."""
+    async def main():
+        srv = Server()
+        try:
+            await scenario(srv)
+        finally:
+            srv.server.stop()
+
+    asyncio.run(main())
 
 
 async def send_split(writer, data: bytes, cuts: list[int]):
@@ -121,18 +122,14 @@ def test_messages_arrive_whole_and_in_order_whatever_the_split(msgs, data):
                 wire += frame(0x9, b"ping")  # control frames may interleave (§5.4)
     cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=12))
 
-    async def scenario():
-        srv = Server()
-        try:
-            _, writer = await srv.connect("a")
-            await send_split(writer, wire, cuts)
-            await srv.wait_for(lambda: len(srv.sink) >= len(msgs))
-            assert srv.sink == [("a", text) for text in msgs]
-            writer.close()
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        _, writer = await srv.connect("a")
+        await send_split(writer, wire, cuts)
+        await srv.wait_for(lambda: len(srv.sink) >= len(msgs))
+        assert srv.sink == [("a", text) for text in msgs]
+        writer.close()
 
-    run(scenario())
+    serve(scenario)
 
 
 @pytest.mark.parametrize("name, wire", [
@@ -145,80 +142,60 @@ def test_messages_arrive_whole_and_in_order_whatever_the_split(msgs, data):
     ("unknown_opcode", frame(0x3, b"x")),
 ])
 def test_protocol_violations_end_the_connection(name, wire):
-    async def scenario():
-        srv = Server()
-        try:
-            reader, writer = await srv.connect("a")
-            writer.write(frame(0x1, b"before") + wire + frame(0x1, b"after"))
-            await srv.wait_for(lambda: any(m[1] == ("closed", None) or
-                                           isinstance(m[1], tuple) for m in srv.sink))
-            texts = [m for _, m in srv.sink if isinstance(m, str)]
-            assert texts == ["before"]  # nothing after the violation is delivered
-            assert await asyncio.wait_for(reader.read(), 5) is not None  # server hung up
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        reader, writer = await srv.connect("a")
+        writer.write(frame(0x1, b"before") + wire + frame(0x1, b"after"))
+        await srv.wait_for(lambda: any(m[1] == ("closed", None) or
+                                       isinstance(m[1], tuple) for m in srv.sink))
+        texts = [m for _, m in srv.sink if isinstance(m, str)]
+        assert texts == ["before"]  # nothing after the violation is delivered
+        assert await asyncio.wait_for(reader.read(), 5) is not None  # server hung up
 
-    run(scenario())
+    serve(scenario)
 
 
 def test_oversize_message_is_refused_at_its_header_with_1009():
     """The payload is never sent: the close comes from the header alone (§7.4.1)."""
-    async def scenario():
-        srv = Server()
-        try:
-            reader, writer = await srv.connect("a")
-            writer.write(frame(0x1, b"", length=4097)[:8])  # header + mask only
-            got = await asyncio.wait_for(reader.read(4), 5)
-            assert got[0] == 0x88 and struct.unpack("!H", got[2:4])[0] == 1009
-            await srv.wait_for(lambda: srv.sink and isinstance(srv.sink[-1][1], tuple))
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        reader, writer = await srv.connect("a")
+        writer.write(frame(0x1, b"", length=4097)[:8])  # header + mask only
+        got = await asyncio.wait_for(reader.read(4), 5)
+        assert got[0] == 0x88 and struct.unpack("!H", got[2:4])[0] == 1009
+        await srv.wait_for(lambda: srv.sink and isinstance(srv.sink[-1][1], tuple))
 
-    run(scenario())
+    serve(scenario)
 
 
 def test_oversize_across_fragments_is_refused_with_1009():
-    async def scenario():
-        srv = Server()
-        try:
-            reader, writer = await srv.connect("a")
-            writer.write(frame(0x1, b"x" * 3000, fin=False) + frame(0x0, b"y" * 1200))
-            got = await asyncio.wait_for(reader.read(4), 5)
-            assert got[0] == 0x88 and struct.unpack("!H", got[2:4])[0] == 1009
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        reader, writer = await srv.connect("a")
+        writer.write(frame(0x1, b"x" * 3000, fin=False) + frame(0x0, b"y" * 1200))
+        got = await asyncio.wait_for(reader.read(4), 5)
+        assert got[0] == 0x88 and struct.unpack("!H", got[2:4])[0] == 1009
 
-    run(scenario())
+    serve(scenario)
 
 
 def test_close_frame_is_echoed_and_reported():
-    async def scenario():
-        srv = Server()
-        try:
-            reader, writer = await srv.connect("a")
-            writer.write(frame(0x1, b"hi") + frame(0x8, struct.pack("!H", 1000) + b"bye"))
-            got = await asyncio.wait_for(reader.read(4), 5)
-            assert got[0] == 0x88 and struct.unpack("!H", got[2:4])[0] == 1000
-            await srv.wait_for(lambda: ("a", ("closed", 1000)) in srv.sink)
-            assert srv.sink[0] == ("a", "hi")
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        reader, writer = await srv.connect("a")
+        writer.write(frame(0x1, b"hi") + frame(0x8, struct.pack("!H", 1000) + b"bye"))
+        got = await asyncio.wait_for(reader.read(4), 5)
+        assert got[0] == 0x88 and struct.unpack("!H", got[2:4])[0] == 1000
+        await srv.wait_for(lambda: ("a", ("closed", 1000)) in srv.sink)
+        assert srv.sink[0] == ("a", "hi")
 
-    run(scenario())
+    serve(scenario)
 
 
 def test_ping_is_answered_with_pong():
-    async def scenario():
-        srv = Server()
-        try:
-            reader, writer = await srv.connect("a")
-            writer.write(frame(0x9, b"are you there"))
-            got = await asyncio.wait_for(reader.readexactly(2 + 13), 5)
-            assert got == bytes([0x8A, 13]) + b"are you there"
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        reader, writer = await srv.connect("a")
+        writer.write(frame(0x9, b"are you there"))
+        got = await asyncio.wait_for(reader.readexactly(2 + 13), 5)
+        assert got == bytes([0x8A, 13]) + b"are you there"
 
-    run(scenario())
+    serve(scenario)
 
 
 def test_a_flooding_socket_does_not_hold_up_another():
@@ -226,63 +203,51 @@ def test_a_flooding_socket_does_not_hold_up_another():
     after A's flood was written, is handled long before A's flood is done."""
     flood = 20 * YIELD_EVERY
 
-    async def scenario():
-        srv = Server()
-        try:
-            _, wa = await srv.connect("a")
-            _, wb = await srv.connect("b")
-            blob = b"".join(frame(0x1, f"{i}".encode()) for i in range(flood))
-            wa.write(blob)
-            await wa.drain()
-            wb.write(frame(0x1, b"b-message"))
-            await srv.wait_for(lambda: sum(1 for n, _ in srv.sink if n == "a") == flood)
-            order = [n for n, m in srv.sink if isinstance(m, str)]
-            assert "b" in order
-            # With no yielding, B would come after all of A's frames that were already
-            # buffered; with it, B is served within a few batches of A's.
-            assert order.index("b") < flood - YIELD_EVERY, order.index("b")
-            a_texts = [m for n, m in srv.sink if n == "a"]
-            assert a_texts == [str(i) for i in range(flood)]
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        _, wa = await srv.connect("a")
+        _, wb = await srv.connect("b")
+        blob = b"".join(frame(0x1, f"{i}".encode()) for i in range(flood))
+        wa.write(blob)
+        await wa.drain()
+        wb.write(frame(0x1, b"b-message"))
+        await srv.wait_for(lambda: sum(1 for n, _ in srv.sink if n == "a") == flood)
+        order = [n for n, m in srv.sink if isinstance(m, str)]
+        assert "b" in order
+        # With no yielding, B would come after all of A's frames that were already
+        # buffered; with it, B is served within a few batches of A's.
+        assert order.index("b") < flood - YIELD_EVERY, order.index("b")
+        a_texts = [m for n, m in srv.sink if n == "a"]
+        assert a_texts == [str(i) for i in range(flood)]
 
-    run(scenario())
+    serve(scenario)
 
 
 def test_random_garbage_never_crashes_the_server():
     """Random bytes after the handshake: the connection ends, the server keeps serving."""
     rng = random.Random(1)
 
-    async def scenario():
-        srv = Server()
-        try:
-            for i in range(30):
-                reader, writer = await srv.connect(f"g{i}")
-                writer.write(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
-                writer.write_eof()
-                await asyncio.wait_for(reader.read(), 5)
-                writer.close()
-            _, w = await srv.connect("ok")
-            w.write(frame(0x1, b"still here"))
-            await srv.wait_for(lambda: ("ok", "still here") in srv.sink)
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        for i in range(30):
+            reader, writer = await srv.connect(f"g{i}")
+            writer.write(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+        _, w = await srv.connect("ok")
+        w.write(frame(0x1, b"still here"))
+        await srv.wait_for(lambda: ("ok", "still here") in srv.sink)
 
-    run(scenario())
+    serve(scenario)
 
 
 def test_send_text_writes_one_unmasked_text_frame():
-    async def scenario():
-        srv = Server()
-        try:
-            reader, writer = await srv.connect("a")
-            writer.write(frame(0x1, "echo é".encode()))
-            head = await asyncio.wait_for(reader.readexactly(4), 5)
-            assert head[0] == 0x81 and head[1] == 126  # FIN + text, 16-bit length, no mask
-            n = struct.unpack("!H", head[2:4])[0]
-            body = await asyncio.wait_for(reader.readexactly(n), 5)
-            assert body.decode() == "é" * 100
-        finally:
-            srv.server.stop()
+    async def scenario(srv):
+        reader, writer = await srv.connect("a")
+        writer.write(frame(0x1, "echo é".encode()))
+        head = await asyncio.wait_for(reader.readexactly(4), 5)
+        assert head[0] == 0x81 and head[1] == 126  # FIN + text, 16-bit length, no mask
+        n = struct.unpack("!H", head[2:4])[0]
+        body = await asyncio.wait_for(reader.readexactly(n), 5)
+        assert body.decode() == "é" * 100
 
-    run(scenario())
+    serve(scenario)

@@ -66,6 +66,11 @@ def _finite(text: str) -> float:
 _decoder = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
 
 
+def dump_json(value: object) -> str:
+    """Compact ASCII JSON: the one encoding of everything the gateway writes."""
+    return _encoder.encode(value)
+
+
 def parse_json(text: str | bytes) -> object:
     """Strict JSON (RFC 8259): no NaN/Infinity, no number beyond float range. Raises
     ValueError (UnicodeDecodeError included) or RecursionError."""
