@@ -149,3 +149,9 @@ class TestMalformed2x:
 
     def test_arity(self):
         assert answer('[2,"a","Heartbeat"]', V21)[:3] == [4, "a", "RpcFrameworkError"]
+
+
+def test_an_empty_message_id_is_answered_with_itself_not_minus_one():
+    from ocpp_edge.ocppj.errors import FormatViolation
+    assert error_for(FormatViolation("bad", ""), "ocpp1.6").unique_id == ""
+    assert error_for(FormatViolation("bad"), "ocpp1.6").unique_id == "-1"  # id unreadable

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ocpp_edge.ocppj.codec import decode
@@ -90,6 +90,12 @@ class Model:
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policies, ops, st.sampled_from(["ocpp1.6", "ocpp2.0.1"]))
+@example(  # found by this test: an empty MessageId's CALLERROR once carried "-1"
+    Policy(upstream_timeout=5.0, dnstream_timeout=5.0, retry_interval=3.0, max_retries=0,
+           max_queue=1, check_upstream=checker, check_dnstream=None,
+           heartbeat_interval=10.0, heartbeat_backoff=0),
+    [("cp", '[2, "-1", "Heartbeat", {}]'), ("cp", '[2, "", "Heartbeat", {"bad": 1}]')],
+    "ocpp1.6")
 def test_every_call_answered_exactly_once(policy, operations, version):
     now = 0.0
     s = Session("CP", version, now, policy)

@@ -193,5 +193,7 @@ def encode(msg: Message) -> str:
 
 def error_for(exc: OcppError, version: str) -> CallError:
     """The CALLERROR that answers a decoding failure, spelled for ``version``."""
-    return CallError(exc.unique_id or UNKNOWN_ID, exc.code_for(version), exc.description,
-                     exc.details)
+    # An empty MessageId is still the charge point's id for its CALL: answer with it, or
+    # the error would read as the answer to a CALL of its own with the id "-1".
+    uid = UNKNOWN_ID if exc.unique_id is None else exc.unique_id
+    return CallError(uid, exc.code_for(version), exc.description, exc.details)
