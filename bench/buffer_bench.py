@@ -95,7 +95,7 @@ class AppendLog:
     HDR = struct.Struct("<IIH")
 
     def __init__(self, directory):
-        from ocpp_edge.buffer import Record
+        from ocpp_edge.store.record import Record
         self.Record = Record
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "log.dat")
@@ -184,7 +184,7 @@ class AppendLog:
 def storage_worker(args):
     """Child (pinned to CPU 0): DiskBuffer vs AppendLog, --reps times, JSON on stdout."""
     sys.path.insert(0, ROOT)
-    from ocpp_edge.diskbuffer import DiskBuffer
+    from ocpp_edge.store.diskbuffer import DiskBuffer
 
     n = args.n
     topic = "ocpp/cp/CP00001"
@@ -263,7 +263,7 @@ def storage_worker(args):
 def prefill_worker(args):
     """Child: --n records into a DiskBuffer in --dir, as the gateway writes them."""
     sys.path.insert(0, ROOT)
-    from ocpp_edge.diskbuffer import DiskBuffer, FILENAME
+    from ocpp_edge.store.diskbuffer import DiskBuffer, FILENAME
     buf = DiskBuffer(args.dir, 2_000_000, 2 << 30)
     t = time.perf_counter()
     for i in range(1, args.n + 1):
@@ -349,8 +349,8 @@ def uplinkmem_worker(args):
     sys.path.insert(0, ROOT)
     from collections import deque
 
-    from ocpp_edge.buffer import Record
-    from ocpp_edge.mqtt_uplink import MqttUplink
+    from ocpp_edge.store.record import Record
+    from ocpp_edge.north.uplink import MqttUplink
 
     class MemBuffer:
         def __init__(self, n):

@@ -403,7 +403,7 @@ def gateway_importable(python, src):
 def spec_has_key(src, key):
     """Does the gateway's configspec in src know ``key``?  (Unknown keys are an error.)"""
     try:
-        with open(os.path.join(src, "ocpp_edge", "configspec.ini")) as f:
+        with open(os.path.join(src, "ocpp_edge", "config", "configspec.ini")) as f:
             return any(line.split("=", 1)[0].strip() == key for line in f)
     except OSError:
         return False

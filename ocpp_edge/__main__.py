@@ -2,7 +2,7 @@
 
 import sys
 
-from ocpp_edge.cli import main
+from ocpp_edge.daemon.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,11 +20,11 @@ from collections.abc import Callable
 
 from tornado.netutil import bind_sockets
 
-from ocpp_edge import credentials as _credentials
-from ocpp_edge import tls
-from ocpp_edge.auth import Accepted, Authenticator, Refusal
-from ocpp_edge.config import AuthSettings, OcppSettings, Settings
-from ocpp_edge.cp_server import (
+from ocpp_edge.south import credentials as _credentials
+from ocpp_edge.config import tls
+from ocpp_edge.south.auth import Accepted, Authenticator, Refusal
+from ocpp_edge.config.loader import AuthSettings, OcppSettings, Settings
+from ocpp_edge.south.listener import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
@@ -35,13 +35,13 @@ from ocpp_edge.cp_server import (
     ServerOptions,
     make_application,
 )
-from ocpp_edge.diskbuffer import DiskBuffer
-from ocpp_edge.mqtt_uplink import MqttUplink
-from ocpp_edge.ocppj.errors import FormatViolation
-from ocpp_edge.ocppj.messages import Call, CallError, Message
-from ocpp_edge.ops import Operations
-from ocpp_edge.router import DownstreamError, Router, TopicError, parse_downstream, upstream_text
-from ocpp_edge.session import (
+from ocpp_edge.store.diskbuffer import DiskBuffer
+from ocpp_edge.north.uplink import MqttUplink
+from ocpp_edge.core.ocppj.errors import FormatViolation
+from ocpp_edge.core.ocppj.messages import Call, CallError, Message
+from ocpp_edge.ops.operations import Operations
+from ocpp_edge.core.router import DownstreamError, Router, TopicError, parse_downstream, upstream_text
+from ocpp_edge.core.session import (
     CloseConnection,
     Effect,
     Policy,
@@ -49,7 +49,7 @@ from ocpp_edge.session import (
     ToBackend,
     ToChargePoint,
 )
-from ocpp_edge.validation import Validator
+from ocpp_edge.core.validation import Validator
 
 log = logging.getLogger("ocpp_edge.gateway")
 
@@ -267,7 +267,7 @@ class Gateway:
             dnstream_topic=n.dnstream_topic)
 
         # Apply.
-        from ocpp_edge import log as logsetup  # the logging set-up the CLI made
+        from ocpp_edge.daemon import log as logsetup  # the logging set-up the CLI made
 
         logsetup.set_level(effective.log.level)
         if router.dnstream_filter != self.router.dnstream_filter:

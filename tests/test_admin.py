@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 import tornado.httpclient
 
-from ocpp_edge.admin import (
+from ocpp_edge.ops.admin import (
     MIN_TOKEN_LENGTH,
     is_loopback,
     load_token,
@@ -22,7 +22,7 @@ from ocpp_edge.admin import (
     start_admin_server,
 )
 from ocpp_edge.errors import ConfigError
-from ocpp_edge.metrics import GatewayMetrics
+from ocpp_edge.ops.metrics import GatewayMetrics
 
 TOKEN = "s3cr3t-t0ken-for-the-admin-api"
 ODD_CID = "CP:01 %/ünï"  # ':' '%' space, a '/' (encoded), non-ASCII

@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ocpp_edge import certtool
-from ocpp_edge.certtool import CertToolError, init, issue, load_certificates, not_valid_after
+from ocpp_edge.tools import cert as certtool
+from ocpp_edge.tools.cert import CertToolError, init, issue, load_certificates, not_valid_after
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from ocpp_edge.ocppj.codec import decode, encode, error_for
-from ocpp_edge.ocppj.errors import OcppError
-from ocpp_edge.ocppj.messages import Call, CallError, CallResult, CallResultError, Send
+from ocpp_edge.core.ocppj.codec import decode, encode, error_for
+from ocpp_edge.core.ocppj.errors import OcppError
+from ocpp_edge.core.ocppj.messages import Call, CallError, CallResult, CallResultError, Send
 
 V16, V201, V21 = "ocpp1.6", "ocpp2.0.1", "ocpp2.1"
 
@@ -152,6 +152,6 @@ class TestMalformed2x:
 
 
 def test_an_empty_message_id_is_answered_with_itself_not_minus_one():
-    from ocpp_edge.ocppj.errors import FormatViolation
+    from ocpp_edge.core.ocppj.errors import FormatViolation
     assert error_for(FormatViolation("bad", ""), "ocpp1.6").unique_id == ""
     assert error_for(FormatViolation("bad"), "ocpp1.6").unique_id == "-1"  # id unreadable

@@ -6,8 +6,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ocpp_edge.ocppj.codec import decode, encode, error_for
-from ocpp_edge.ocppj.errors import OcppError
+from ocpp_edge.core.ocppj.codec import decode, encode, error_for
+from ocpp_edge.core.ocppj.errors import OcppError
 
 VERSIONS = st.sampled_from(["ocpp1.6", "ocpp2.0.1", "ocpp2.1"])
 json_values = st.recursive(
@@ -60,8 +60,8 @@ def test_payload_text_is_the_payload_and_publishes_the_same_json(
         uid, action, payload, type_id, gaps, ascii_only, indent):
     """For CALL and SEND frames however they are laid out, the spliced upstream object is
     the same JSON value as the one encoded from the decoded message."""
-    from ocpp_edge.ocppj.codec import payload_text
-    from ocpp_edge.router import upstream_payload, upstream_text
+    from ocpp_edge.core.ocppj.codec import payload_text
+    from ocpp_edge.core.router import upstream_payload, upstream_text
 
     body = json.dumps(payload, ensure_ascii=ascii_only, indent=indent)
     g = gaps
@@ -81,7 +81,7 @@ def test_payload_text_is_the_payload_and_publishes_the_same_json(
 @settings(max_examples=400, deadline=None)
 @given(st.text(), VERSIONS)
 def test_payload_text_of_any_accepted_frame_is_its_payload_or_none(text, version):
-    from ocpp_edge.ocppj.codec import payload_text
+    from ocpp_edge.core.ocppj.codec import payload_text
     try:
         msg = decode(text, version)
     except OcppError:
@@ -93,7 +93,7 @@ def test_payload_text_of_any_accepted_frame_is_its_payload_or_none(text, version
 
 
 def test_payload_text_declines_unusual_layouts():
-    from ocpp_edge.ocppj.codec import payload_text
+    from ocpp_edge.core.ocppj.codec import payload_text
     assert payload_text('[2,"1","\\u0048eartbeat",{}]') is None  # escaped action
     assert payload_text('[3,"1",{}]') is None  # not a CALL
     assert payload_text('[2,"a\\"b","Heartbeat",{"k":"]"}]') == '{"k":"]"}'

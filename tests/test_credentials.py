@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from ocpp_edge import credentials
-from ocpp_edge.credentials import (
+from ocpp_edge.south import credentials
+from ocpp_edge.south.credentials import (
     CredentialsError,
     PasswordFile,
     cid_problem,

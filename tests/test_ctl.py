@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port
 
-from ocpp_edge.admin import rfc3339, start_admin_server
-from ocpp_edge.ctl import fmt_bytes, fmt_duration, url_from_listen
+from ocpp_edge.ops.admin import rfc3339, start_admin_server
+from ocpp_edge.ops.ctl import fmt_bytes, fmt_duration, url_from_listen
 
 TOKEN = "ctl-test-token-0123456789abcdef"
 ODD_CID = "CP:01 %/x"
@@ -346,7 +346,7 @@ def test_url_from_listen():
 
 
 def test_status_shows_the_publish_rate_only_while_connected():
-    from ocpp_edge.ctl import render_status
+    from ocpp_edge.ops.ctl import render_status
 
     def upstream_line(state: str, rate: float) -> str:
         text = render_status({"upstream": {"state": state, "server": "mqtt://b:1883",

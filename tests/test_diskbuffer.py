@@ -15,7 +15,7 @@ from conftest import tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ocpp_edge.diskbuffer import FILENAME, DiskBuffer
+from ocpp_edge.store.diskbuffer import FILENAME, DiskBuffer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ class TestFifo:
         script = textwrap.dedent(f"""
             import os, sys
             sys.path.insert(0, {str(ROOT)!r})
-            from ocpp_edge.diskbuffer import DiskBuffer
+            from ocpp_edge.store.diskbuffer import DiskBuffer
             b = DiskBuffer({str(tmp_path)!r}, 1000, 10**7)
             for i in range(5):
                 b.append("t", b"c%d" % i)
@@ -158,7 +158,7 @@ def crashed_store(tmp_path_factory) -> tuple[Path, list[list[bytes]]]:
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from ocpp_edge.diskbuffer import DiskBuffer
+        from ocpp_edge.store.diskbuffer import DiskBuffer
         b = DiskBuffer({str(d)!r}, 10**6, 10**9)
         for k in range({BATCHES}):
             for i in range({PER_BATCH}):
@@ -297,7 +297,7 @@ def test_any_interleaving_keeps_order_and_loses_nothing(tmp_path_factory, ops):
     rewinds, commits and clean reopenings, against a model: what is handed out is always
     the oldest unsent messages in order, a message is handed out again only after a
     rewind or a reopening, and draining at the end yields exactly the unacked ones."""
-    import ocpp_edge.diskbuffer as db_mod
+    import ocpp_edge.store.diskbuffer as db_mod
 
     d = tmp_path_factory.mktemp("fifo")
     b = DiskBuffer(d, 10**6, 10**9)

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from ocpp_edge.metrics import (
+from ocpp_edge.ops.metrics import (
     CONTENT_TYPE,
     MAX_ACTIONS,
     MAX_ERROR_CODES,

@@ -29,7 +29,7 @@ import pytest
 from conftest import free_port
 from websockets.sync.client import connect as ws_connect
 
-from ocpp_edge.notify import Notifier
+from ocpp_edge.daemon.notify import Notifier
 
 ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 

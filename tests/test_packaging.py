@@ -1,6 +1,6 @@
 """The Debian package's documentation and metadata keep up with the code.
 
-* ocpp-edge.conf(5) has an entry for every key of ``ocpp_edge/configspec.ini``, with the
+* ocpp-edge.conf(5) has an entry for every key of ``ocpp_edge/config/configspec.ini``, with the
   spec's default, and no entry for a key the spec no longer has;
 * ocpp-edge(8) names every option and command of the command line;
 * both pages format without warnings (``man --warnings``, ``groff -ww``);
@@ -35,7 +35,7 @@ ALIASES = {"ocpp.upstream.strit_mode", "ocpp.dnstream.strit_mode"}
 
 def spec() -> dict[str, str]:
     """key -> check, read the way ocpp_edge/config.py reads it."""
-    text = (resources.files("ocpp_edge") / "configspec.ini").read_text("utf-8")
+    text = (resources.files("ocpp_edge.config") / "configspec.ini").read_text("utf-8")
     return dict(ConfigObj(text.splitlines(), list_values=False, interpolation=False))
 
 
@@ -117,7 +117,7 @@ def test_conf_page_documents_no_key_the_spec_lacks():
 
 def _cli_words() -> list[str]:
     """Long options and sub-commands of ``ocpp-edge`` and of the commands it hands over
-    to (``passwd``/``cert``: ocpp_edge.tools, ``ctl``: ocpp_edge.ctl), however nested."""
+    to (``passwd``/``cert``: ocpp_edge.tools.commands, ``ctl``: ocpp_edge.ops.ctl), however nested."""
     import importlib
 
     words: list[str] = []
@@ -130,7 +130,7 @@ def _cli_words() -> list[str]:
                     words.append(name)
                     walk(sub)
 
-    for module, command in (("cli", None), ("tools", None), ("ctl", "ctl")):
+    for module, command in (("daemon.cli", None), ("tools.commands", None), ("ops.ctl", "ctl")):
         try:
             mod = importlib.import_module(f"ocpp_edge.{module}")
         except ImportError:

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from ocpp_edge import presence
-from ocpp_edge.ops import _FRAME_HEAD, BacklogClock, basic_username
+from ocpp_edge.north import presence
+from ocpp_edge.ops.operations import _FRAME_HEAD, BacklogClock, basic_username
 
 INFO = presence.client_info(
     cid="CP1", username=None, ip="10.0.0.7", peer_port=50123, sock_port=33033,

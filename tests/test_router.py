@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ocpp_edge.ocppj.messages import Call, CallError, CallResult, Send
-from ocpp_edge.router import (
+from ocpp_edge.core.ocppj.messages import Call, CallError, CallResult, Send
+from ocpp_edge.core.router import (
     UPSTREAM_PLACEHOLDERS,
     DownstreamError,
     Router,

@@ -55,7 +55,7 @@ from ocpp.v16 import call
 from ocpp.v201 import ChargePoint as ChargePoint201
 from ocpp.v201 import call as call201
 
-from ocpp_edge import certtool
+from ocpp_edge.tools import cert as certtool
 
 REALM = 'Basic realm="ocpp-edge", charset="UTF-8"'
 KEY_P2 = b"key-of-cp-p2-0123456789"  # given to `ocpp-edge passwd` on stdin
@@ -1202,7 +1202,7 @@ def test_mqtts_uplink_verifies_the_broker_and_carries_messages(tmp_path, tls_bro
 # --- the failure limiter's bookkeeping (pure; the wire behaviour is tested above) ------
 
 def test_failure_limit_follows_a_reloaded_max_failures():
-    from ocpp_edge.auth import FailureLimiter
+    from ocpp_edge.south.auth import FailureLimiter
 
     limiter = FailureLimiter(max_failures=2, window=60)
     for t in range(3):

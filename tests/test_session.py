@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from ocpp_edge.ocppj.errors import FormatViolation, NotImplementedError_, TypeConstraintViolation
-from ocpp_edge.ocppj.messages import Call, CallError, CallResult, CallResultError, Send
-from ocpp_edge.session import (
+from ocpp_edge.core.ocppj.errors import FormatViolation, NotImplementedError_, TypeConstraintViolation
+from ocpp_edge.core.ocppj.messages import Call, CallError, CallResult, CallResultError, Send
+from ocpp_edge.core.session import (
     CloseConnection,
     Policy,
     Session,

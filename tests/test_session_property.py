@@ -9,11 +9,11 @@ import json
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ocpp_edge.ocppj.codec import decode
-from ocpp_edge.ocppj.errors import NotImplementedError_, PropertyConstraintViolation
-from ocpp_edge.ocppj.messages import Call, CallError, CallResult
-from ocpp_edge.router import upstream_payload
-from ocpp_edge.session import CloseConnection, Policy, Session, State, ToBackend, ToChargePoint
+from ocpp_edge.core.ocppj.codec import decode
+from ocpp_edge.core.ocppj.errors import NotImplementedError_, PropertyConstraintViolation
+from ocpp_edge.core.ocppj.messages import Call, CallError, CallResult
+from ocpp_edge.core.router import upstream_payload
+from ocpp_edge.core.session import CloseConnection, Policy, Session, State, ToBackend, ToChargePoint
 
 IDS = st.sampled_from(["a", "b", "c", "r1", "r2", "r3", "-1", ""])
 ACTIONS = st.sampled_from(["Heartbeat", "Reset", "Authorize", "Unknown", "BootNotification"])

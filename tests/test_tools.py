@@ -14,8 +14,9 @@ import time
 
 from conftest import ROOT
 
-from ocpp_edge import certtool, cli
-from ocpp_edge.credentials import PasswordFile, hash_password, verify
+from ocpp_edge.tools import cert as certtool
+from ocpp_edge.daemon import cli
+from ocpp_edge.south.credentials import PasswordFile, hash_password, verify
 
 
 def run(*args, stdin: bytes = b"", timeout=30):
@@ -56,7 +57,7 @@ def test_generate_prints_the_stored_hex_key(tmp_path):
 
 
 def test_generated_keys_are_never_ascii_when_decoded(monkeypatch):
-    from ocpp_edge import tools
+    from ocpp_edge.tools import commands as tools
 
     draws = iter([b"A" * 20, b"\x7f" * 20, b"A" * 19 + b"\x80"])
     monkeypatch.setattr(tools.secrets, "token_bytes", lambda n: next(draws))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ocpp_edge.ocppj.errors import (
+from ocpp_edge.core.ocppj.errors import (
     FormatViolation,
     NotImplementedError_,
     OccurrenceConstraintViolation,
     PropertyConstraintViolation,
     TypeConstraintViolation,
 )
-from ocpp_edge.validation import Validator
+from ocpp_edge.core.validation import Validator
 
 VERSIONS = ["ocpp1.6", "ocpp2.0.1", "ocpp2.1"]
 

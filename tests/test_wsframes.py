@@ -21,7 +21,7 @@ from conftest import ws_open
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ocpp_edge.wsframes import YIELD_EVERY, BatchReadProtocol
+from ocpp_edge.south.frames import YIELD_EVERY, BatchReadProtocol
 
 
 class Handler(tornado.websocket.WebSocketHandler):

@@ -36,18 +36,19 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ocpp_edge import __version__, presence
-from ocpp_edge.admin import rfc3339, start_admin_server
-from ocpp_edge.metrics import DNSTREAM, UPSTREAM, GatewayMetrics, RateMeter
-from ocpp_edge.mqtt_uplink import StatusTopic
-from ocpp_edge.ocppj.messages import Call, CallError, CallResultError, Message, MessageType
-from ocpp_edge.router import TopicError, TopicTemplate, compile_template
+from ocpp_edge import __version__
+from ocpp_edge.north import presence
+from ocpp_edge.ops.admin import rfc3339, start_admin_server
+from ocpp_edge.ops.metrics import DNSTREAM, UPSTREAM, GatewayMetrics, RateMeter
+from ocpp_edge.north.uplink import StatusTopic
+from ocpp_edge.core.ocppj.messages import Call, CallError, CallResultError, Message, MessageType
+from ocpp_edge.core.router import TopicError, TopicTemplate, compile_template
 
 if TYPE_CHECKING:
-    from ocpp_edge.auth import Refusal
-    from ocpp_edge.cp_server import ChargePointHandler
+    from ocpp_edge.south.auth import Refusal
+    from ocpp_edge.south.listener import ChargePointHandler
     from ocpp_edge.gateway import Gateway
-    from ocpp_edge.session import Session
+    from ocpp_edge.core.session import Session
 
 log = logging.getLogger("ocpp_edge.ops")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import fastjsonschema
 
-from ocpp_edge.ocppj.errors import (
+from ocpp_edge.core.ocppj.errors import (
     FormatViolation,
     NotImplementedError_,
     OccurrenceConstraintViolation,
@@ -42,13 +42,13 @@ from ocpp_edge.ocppj.errors import (
     PropertyConstraintViolation,
     TypeConstraintViolation,
 )
-from ocpp_edge.ocppj.messages import Version
+from ocpp_edge.core.ocppj.messages import Version
 
 log = logging.getLogger("ocpp_edge.validation")
 
 # Where the schemas are when ocpp.json_schema_dir is empty, in order: the source tree or
 # an editable install, the Debian package.
-_DEFAULT_DIRS = (Path(__file__).resolve().parent.parent / "schemas",
+_DEFAULT_DIRS = (Path(__file__).resolve().parents[2] / "schemas",
                  Path("/usr/share/ocpp-edge/schemas"))
 _BUILTIN_PREFIXES = {Version.V201: "urn:OCPP:Cp:2:2020:3:", Version.V21: "urn:OCPP:Cp:2:2025:1:"}
 

@@ -19,8 +19,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ocpp_edge.ocppj.codec import dump_json, parse_json
-from ocpp_edge.ocppj.messages import (
+from ocpp_edge.core.ocppj.codec import dump_json, parse_json
+from ocpp_edge.core.ocppj.messages import (
     Call,
     CallError,
     CallResult,

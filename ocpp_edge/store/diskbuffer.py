@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from ocpp_edge.buffer import DROP_NEWEST, DROP_OLDEST, RECORD_OVERHEAD, Record
+from ocpp_edge.store.record import DROP_NEWEST, DROP_OLDEST, RECORD_OVERHEAD, Record
 
 log = logging.getLogger("ocpp_edge.buffer")
 

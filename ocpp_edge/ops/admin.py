@@ -61,7 +61,7 @@ import tornado.web
 from tornado.netutil import bind_sockets
 
 from ocpp_edge.errors import ConfigError
-from ocpp_edge.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ocpp_edge.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("ocpp_edge.admin")
 

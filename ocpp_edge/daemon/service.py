@@ -25,10 +25,10 @@ import signal
 import ssl
 import time
 
-from ocpp_edge import config
+from ocpp_edge.config import loader as config
 from ocpp_edge.errors import OcppEdgeError
 from ocpp_edge.gateway import Gateway
-from ocpp_edge.notify import Notifier
+from ocpp_edge.daemon.notify import Notifier
 
 log = logging.getLogger("ocpp_edge")
 

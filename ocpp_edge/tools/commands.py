@@ -14,7 +14,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 
-from ocpp_edge.credentials import DEFAULT_PASSWORD_FILE
+from ocpp_edge.south.credentials import DEFAULT_PASSWORD_FILE
 from ocpp_edge.errors import OcppEdgeError
 
 DEFAULT_CONFIG = "/etc/ocpp-edge.conf"
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cert = sub.add_parser("cert", help="site CA, server and charge point certificates")
     csub = cert.add_subparsers(dest="cert_command", required=True, parser_class=_Parser)
-    from ocpp_edge.certtool import CERT_DAYS, DEFAULT_DIR
+    from ocpp_edge.tools.cert import CERT_DAYS, DEFAULT_DIR
 
     init = csub.add_parser(
         "init", help="create the site CA and the gateway's server certificate",
@@ -204,7 +204,7 @@ def _generate() -> bytes:
 
 
 def _passwd(args) -> int:
-    from ocpp_edge import credentials
+    from ocpp_edge.south import credentials
 
     cid = args.cid
     problem = credentials.cid_problem(cid)
@@ -234,7 +234,7 @@ def _passwd(args) -> int:
 # --- cert -----------------------------------------------------------------------------
 
 def _cert_init(args) -> int:
-    from ocpp_edge import certtool
+    from ocpp_edge.tools import cert as certtool
 
     files = certtool.init(args.dir, args.host, args.ip, "rsa" if args.rsa else "ec",
                           args.days, force=args.force, keep_ca=args.keep_ca)
@@ -251,7 +251,7 @@ def _cert_init(args) -> int:
 
 
 def _cert_issue(args) -> int:
-    from ocpp_edge import certtool
+    from ocpp_edge.tools import cert as certtool
 
     files = certtool.issue(args.dir, args.cid, args.out_dir, "rsa" if args.rsa else "ec",
                            args.days, force=args.force)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from ocpp_edge.buffer import Record, UpstreamBuffer
+from ocpp_edge.store.record import Record, UpstreamBuffer
 
 log = logging.getLogger("ocpp_edge.mqtt")
 

@@ -34,11 +34,11 @@ try:  # configobj 5.0.9 (and the 5.0.8 wheels) ship validate inside the package,
 except ImportError:  # older layouts as a top-level module.
     import validate as _validate
 
-from ocpp_edge import tls as _tls
+from ocpp_edge.config import tls as _tls
 from ocpp_edge.errors import ConfigError
-from ocpp_edge.presence import EVENT_PLACEHOLDERS, STATUS_PLACEHOLDERS
-from ocpp_edge.router import DNSTREAM_PLACEHOLDERS, UPSTREAM_PLACEHOLDERS, compile_template
-from ocpp_edge.tls import TlsSettings
+from ocpp_edge.north.presence import EVENT_PLACEHOLDERS, STATUS_PLACEHOLDERS
+from ocpp_edge.core.router import DNSTREAM_PLACEHOLDERS, UPSTREAM_PLACEHOLDERS, compile_template
+from ocpp_edge.config.tls import TlsSettings
 
 SUBPROTOCOLS = ("ocpp1.6", "ocpp2.0.1", "ocpp2.1")
 
@@ -506,7 +506,7 @@ _CHECKS = {
     "admin_listen": check_admin_listen,
 }
 
-_SPEC_LINES = (resources.files("ocpp_edge") / "configspec.ini").read_text("utf-8").splitlines()
+_SPEC_LINES = (resources.files("ocpp_edge.config") / "configspec.ini").read_text("utf-8").splitlines()
 _SPEC = ConfigObj(_SPEC_LINES, list_values=False, interpolation=False)
 _SPEC_KEYS = tuple(_SPEC.scalars)
 
@@ -828,7 +828,7 @@ def _mqtt_checks(v: ConfigObj, key_lines: dict[str, int]) -> tuple[str | None, l
 def _admin_checks(v: ConfigObj, key_lines: dict[str, int]) -> tuple[str | None, list[_Problem]]:
     """The admin token (from admin.token_file) and the problems of the admin.* keys and
     of the presence topics' ${node} (the MQTT client id)."""
-    from ocpp_edge.admin import is_loopback, load_token  # tornado: only when needed
+    from ocpp_edge.ops.admin import is_loopback, load_token  # tornado: only when needed
 
     problems: list[_Problem] = []
     token = None

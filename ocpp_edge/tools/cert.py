@@ -70,7 +70,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ocpp_edge.credentials import atomic_write, cid_problem
+from ocpp_edge.south.credentials import atomic_write, cid_problem
 from ocpp_edge.errors import OcppEdgeError
 
 DEFAULT_DIR = "/etc/ocpp-edge/tls"

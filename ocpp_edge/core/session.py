@@ -41,14 +41,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from ocpp_edge.ocppj.codec import decode, encode, error_for, payload_text
-from ocpp_edge.ocppj.errors import (
+from ocpp_edge.core.ocppj.codec import decode, encode, error_for, payload_text
+from ocpp_edge.core.ocppj.errors import (
     GenericError,
     InternalError,
     NotImplementedError_,
     OcppError,
 )
-from ocpp_edge.ocppj.messages import (
+from ocpp_edge.core.ocppj.messages import (
     Call,
     CallError,
     CallResult,

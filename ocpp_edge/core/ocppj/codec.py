@@ -19,14 +19,14 @@ import json
 import math
 import re
 
-from ocpp_edge.ocppj.errors import (
+from ocpp_edge.core.ocppj.errors import (
     UNKNOWN_ID,
     FormatViolation,
     MessageTypeNotSupported,
     OcppError,
     RpcFrameworkError,
 )
-from ocpp_edge.ocppj.messages import (
+from ocpp_edge.core.ocppj.messages import (
     Call,
     CallError,
     CallResult,

@@ -34,15 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] in ("passwd", "cert"):
-        from ocpp_edge import tools  # password file and certificate commands
+        from ocpp_edge.tools import commands as tools  # password file and certificate commands
 
         return tools.main(argv)
     if argv and argv[0] == "ctl":
-        from ocpp_edge import ctl  # ask a running gateway through its admin endpoint
+        from ocpp_edge.ops import ctl  # ask a running gateway through its admin endpoint
 
         return ctl.main(argv[1:])
     args = _parser().parse_args(argv)
-    from ocpp_edge import config  # imported here so --version/--help stay instant
+    from ocpp_edge.config import loader as config  # imported here so --version/--help stay instant
 
     try:
         settings = config.load(args.config)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: configuration OK")
         return 0
 
-    from ocpp_edge import log as logsetup
+    from ocpp_edge.daemon import log as logsetup
 
     logsetup.setup(settings.log.level)
     try:
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 async def _run(settings) -> int:
     from ocpp_edge.errors import OcppEdgeError
     from ocpp_edge.gateway import Gateway
-    from ocpp_edge.notify import Notifier
-    from ocpp_edge.service import Service
-    from ocpp_edge.validation import SchemaError
+    from ocpp_edge.daemon.notify import Notifier
+    from ocpp_edge.daemon.service import Service
+    from ocpp_edge.core.validation import SchemaError
 
     # First, before any child process (DNS look-ups) could inherit NOTIFY_SOCKET.
     notifier = Notifier()

@@ -43,10 +43,10 @@ import tornado.iostream
 import tornado.web
 import tornado.websocket
 
-from ocpp_edge.auth import Refusal
-from ocpp_edge.config import ListenerSettings
-from ocpp_edge.credentials import cid_problem
-from ocpp_edge.wsframes import BatchReadProtocol
+from ocpp_edge.south.auth import Refusal
+from ocpp_edge.config.loader import ListenerSettings
+from ocpp_edge.south.credentials import cid_problem
+from ocpp_edge.south.frames import BatchReadProtocol
 
 log = logging.getLogger("ocpp_edge.cp")
 
