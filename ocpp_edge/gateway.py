@@ -2,13 +2,13 @@
 
 ::
 
-    charge point ─ws─▶ cp_server ─text─▶ Session ─ToBackend─▶ Router
+    charge point ─ws─▶ south.listener ─text─▶ Session ─ToBackend─▶ Router
                  ─(topic, bytes)─▶ buffer ─▶ MqttUplink ─▶ broker
     broker ─▶ MqttUplink ─(topic, bytes)─▶ Router ─Message─▶ Session
-                 ─ToChargePoint─▶ cp_server ─ws─▶ charge point
+                 ─ToChargePoint─▶ south.listener ─ws─▶ charge point
 
-``cp_server`` and ``mqtt_uplink`` never import each other: the charge points keep being
-served while the broker is away, and upstream messages wait in the buffer.
+``south`` and ``north`` never import each other (tests/test_layout.py): the charge points
+keep being served while the broker is away, and upstream messages wait in the buffer.
 """
 
 from __future__ import annotations
@@ -16,14 +16,34 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from tornado.netutil import bind_sockets
 
+from ocpp_edge.config import AuthSettings, OcppSettings, Settings, tls
+from ocpp_edge.core.ocppj.errors import FormatViolation
+from ocpp_edge.core.ocppj.messages import Call, CallError, Message
+from ocpp_edge.core.router import (
+    DownstreamError,
+    Router,
+    TopicError,
+    parse_downstream,
+    upstream_text,
+)
+from ocpp_edge.core.session import (
+    CloseConnection,
+    Effect,
+    Policy,
+    Session,
+    ToBackend,
+    ToChargePoint,
+)
+from ocpp_edge.core.validation import Validator
+from ocpp_edge.north.uplink import MqttUplink, StatusTopic
+from ocpp_edge.ops.operations import Operations
+from ocpp_edge.ops.view import ListenerStats, PeerInfo
 from ocpp_edge.south import credentials as _credentials
-from ocpp_edge.config import tls
 from ocpp_edge.south.auth import Accepted, Authenticator, Refusal
-from ocpp_edge.config.loader import AuthSettings, OcppSettings, Settings
 from ocpp_edge.south.listener import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
@@ -36,24 +56,10 @@ from ocpp_edge.south.listener import (
     make_application,
 )
 from ocpp_edge.store.diskbuffer import DiskBuffer
-from ocpp_edge.north.uplink import MqttUplink
-from ocpp_edge.core.ocppj.errors import FormatViolation
-from ocpp_edge.core.ocppj.messages import Call, CallError, Message
-from ocpp_edge.ops.operations import Operations
-from ocpp_edge.core.router import DownstreamError, Router, TopicError, parse_downstream, upstream_text
-from ocpp_edge.core.session import (
-    CloseConnection,
-    Effect,
-    Policy,
-    Session,
-    ToBackend,
-    ToChargePoint,
-)
-from ocpp_edge.core.validation import Validator
 
 log = logging.getLogger("ocpp_edge.gateway")
 
-# ASCII JSON: lone surrogates a peer may send as escapes stay escapes (see codec.py).
+# ASCII JSON: lone surrogates a peer may send as escapes stay escapes (see core/ocppj/codec.py).
 
 # Transaction messages are money: the buffer drops them last (issue "Disk buffer").
 TRANSACTION_ACTIONS = frozenset({"StartTransaction", "StopTransaction", "MeterValues",
@@ -131,8 +137,9 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Told when a charge point comes or goes or the upstream link changes (STATUS=).
         self.on_change: Callable[[], None] = lambda: None
-        # The admin endpoint, metrics and presence on MQTT; told as things happen (ops.py).
-        self.ops = Operations(self)
+        # The admin endpoint, metrics and presence on MQTT; told as things happen. They see
+        # the gateway only through _OpsView (ops/view.py), never this object.
+        self.ops = Operations(_OpsView(self))
 
     def _server_options(self, o: OcppSettings) -> ServerOptions:
         return ServerOptions(
@@ -187,7 +194,7 @@ class Gateway:
         self.uplink.start()
 
     def _warm_up(self) -> None:
-        # Compile one schema per loop turn until all queued are ready (see validation.py).
+        # Compile one schema per loop turn until all queued are ready (see core/validation.py).
         self._warm_handle = None
         if self.validator is not None and self.validator.warm_up_step():
             self._warm_handle = self._loop.call_soon(self._warm_up)  # type: ignore[union-attr]
@@ -220,13 +227,14 @@ class Gateway:
 
         Everything that can change live is prepared first (password file, TLS contexts),
         so a file that cannot be applied raises (OcppEdgeError, OSError, ssl.SSLError)
-        and leaves the running configuration untouched. Applied live: log level, topics
+        and leaves the running configuration untouched. Applied live: topics
         (the downstream subscription is replaced at the broker), call discipline and
         timeouts (for sessions too), frame/message limits and subprotocols (new
         connections), each listener's limits, anonymity and certificates (new
         handshakes), the credentials and auth settings. What needs a restart (the
         broker connection, the buffer, the set of listening addresses, schema checking)
-        keeps its running value; the returned list names it, for the log.
+        keeps its running value; the returned list names it, for the log. The log level
+        (``settings.log.level``) is the caller's to apply: logging is the daemon's set-up.
         """
         old = self.settings
         o, n = old.ocpp, new.ocpp
@@ -267,9 +275,6 @@ class Gateway:
             dnstream_topic=n.dnstream_topic)
 
         # Apply.
-        from ocpp_edge.daemon import log as logsetup  # the logging set-up the CLI made
-
-        logsetup.set_level(effective.log.level)
         if router.dnstream_filter != self.router.dnstream_filter:
             self.uplink.set_subscriptions([(router.dnstream_filter, 1)])
         self.router = router
@@ -308,7 +313,7 @@ class Gateway:
         if isinstance(decision, Accepted):
             conn.auth_method = decision.method
             return None
-        self.ops.refused(conn, decision)
+        self.ops.refused(conn.listener.settings.key, decision.status)
         return decision
 
     def cp_connected(self, conn: ChargePointHandler) -> None:
@@ -328,7 +333,7 @@ class Gateway:
         self._arm(conn.cid)
         log.info("cp %s: connected from %s using %s (%s, %s)", conn.cid, conn.peer,
                  conn.version, conn.listener.settings.key, conn.auth_method)
-        self.ops.cp_connected(conn, self.sessions[conn.cid])
+        self.ops.cp_connected(_peer_info(conn), self.sessions[conn.cid])
         self.on_change()
 
     def cp_text(self, conn: ChargePointHandler, text: str) -> None:
@@ -358,19 +363,20 @@ class Gateway:
         return True
 
     def _end_session(self, cid: str, reason: str) -> None:
-        self.connections.pop(cid, None)
+        conn = self.connections.pop(cid, None)
         session = self.sessions.pop(cid, None)
         timer = self._timers.pop(cid, None)
         if timer is not None:
             timer.cancel()
         if session is not None:
             self._apply(session, session.close(reason))
-        self.ops.cp_gone(cid, session, reason)
+        self.ops.cp_gone(cid, session, reason, conn.close_code if conn is not None else None)
         self.on_change()
 
     def _apply(self, session: Session, effects: list[Effect]) -> None:
         cid = session.cid
         closed: str | None = None
+        close_code: int | None = None
         for effect in effects:
             if isinstance(effect, ToChargePoint):
                 conn = self.connections.get(cid)
@@ -394,9 +400,9 @@ class Gateway:
                     conn.close_and_forget(effect.code, effect.reason)
                     self.connections.pop(cid, None)
                     self.sessions.pop(cid, None)
-                    closed = effect.reason
+                    closed, close_code = effect.reason, conn.close_code
         if closed is not None:  # after the CALLERRORs that close() produced, as in _end_session
-            self.ops.cp_gone(cid, session, closed)
+            self.ops.cp_gone(cid, session, closed, close_code)
             self.on_change()
         if self.sessions.get(cid) is session:
             self._arm(cid)
@@ -508,3 +514,69 @@ class Gateway:
             self._publish(cid, proto, CallError(unique_id, code, description, {}), action)
         except TopicError as exc:
             log.warning("cp %s: cannot answer the backend: %s", cid, exc)
+
+
+# -- what operations see of the gateway (ops/view.py) ---------------------------------------
+
+
+class _OpsView:
+    """The :class:`~ocpp_edge.ops.view.GatewayView` handed to ``Operations``: read-only
+    figures and three named commands; the ``Gateway`` itself never reaches ``ops``."""
+
+    __slots__ = ("_gw",)
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    @property
+    def settings(self) -> Settings:
+        return self._gw.settings
+
+    @property
+    def charge_points(self) -> int:
+        return len(self._gw.connections)
+
+    @property
+    def buffer(self) -> DiskBuffer:
+        return self._gw.buffer
+
+    @property
+    def uplink(self) -> MqttUplink:
+        return self._gw.uplink
+
+    def sessions(self) -> Iterable[Session]:
+        return self._gw.sessions.values()
+
+    def listeners(self) -> list[ListenerStats]:
+        return [ListenerStats(key=ls.settings.key, url=ls.url, connections=ls.upgraded,
+                              listening=ls.server is not None, refused=ls.refused)
+                for ls in self._gw.listeners]
+
+    def kick(self, cid: str, reason: str) -> bool:
+        return self._gw.kick(cid, reason)
+
+    def publish_event(self, topic: str, payload: bytes) -> bool:
+        gw = self._gw
+        if gw.buffer.append(topic, payload) is None:
+            return False
+        gw.uplink.kick()
+        return True
+
+    def set_status_topic(self, status: StatusTopic) -> None:
+        self._gw.uplink.status = status
+
+
+def _peer_info(conn: ChargePointHandler) -> PeerInfo:
+    return PeerInfo(
+        cid=conn.cid, authorization=conn.authorization, ip=conn.peer,
+        peer_port=_peer_port(conn), sock_port=conn.listener.port,
+        subprotocol=conn.version or "", listener=conn.listener.settings.key,
+        auth=conn.auth_method or "anonymous", connected_at=conn.connected_at)
+
+
+def _peer_port(conn: ChargePointHandler) -> int | None:
+    # Tornado's HTTP1ServerConnection context keeps the (ip, port, ...) it accepted.
+    address = getattr(getattr(conn.request.connection, "context", None), "address", None)
+    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int):
+        return address[1]
+    return None

@@ -14,14 +14,9 @@ import urllib.parse
 import pytest
 import tornado.httpclient
 
-from ocpp_edge.ops.admin import (
-    MIN_TOKEN_LENGTH,
-    is_loopback,
-    load_token,
-    rfc3339,
-    start_admin_server,
-)
+from ocpp_edge.config import MIN_TOKEN_LENGTH, is_loopback, load_token
 from ocpp_edge.errors import ConfigError
+from ocpp_edge.ops.admin import rfc3339, start_admin_server
 from ocpp_edge.ops.metrics import GatewayMetrics
 
 TOKEN = "s3cr3t-t0ken-for-the-admin-api"

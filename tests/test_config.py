@@ -1,4 +1,4 @@
-"""ocpp_edge.config.loader: reading /etc/ocpp-edge.conf (SPEC "Configuration")."""
+"""ocpp_edge.config: reading /etc/ocpp-edge.conf (SPEC "Configuration")."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ocpp_edge.config import loader as config
-from ocpp_edge.config.loader import Listen, load, load_text
+from ocpp_edge import config
+from ocpp_edge.config import Listen, load, load_text
 from ocpp_edge.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "ocpp-edge.conf"

@@ -10,9 +10,9 @@ import tornado.web
 import tornado.websocket
 from conftest import ws_open
 
-from ocpp_edge.config.loader import Listen, ListenerSettings
-from ocpp_edge.south.listener import ChargePointHandler, Listener, ServerOptions, make_application
+from ocpp_edge.config import Listen, ListenerSettings
 from ocpp_edge.core.session import Session
+from ocpp_edge.south.listener import ChargePointHandler, Listener, ServerOptions, make_application
 
 
 class Hub:

@@ -401,7 +401,7 @@ def test_rate_meter():
 
 
 def test_counts_passed_on_several_at_once():
-    # ops.py passes on totals other objects keep (sessions' timeouts, the uplink's
+    # ops/operations.py passes on totals other objects keep (sessions' timeouts, the uplink's
     # reconnects, the listeners' refusals) when scraped, as one increment each.
     m = bound(GatewayMetrics("0.1.0", 0.0))
     m.timeout("upstream", 3)

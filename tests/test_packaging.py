@@ -28,13 +28,13 @@ CONF_PAGE = MAN / "ocpp-edge.conf.5"
 DAEMON_PAGE = MAN / "ocpp-edge.8"
 PAGES = (DAEMON_PAGE, CONF_PAGE)
 
-# Key families config.py reads besides the spec's keys; the page documents them as such.
+# Key families ocpp_edge.config reads besides the spec's keys; the page documents them as such.
 FAMILIES = ("ocpp.upstream.topic.", "ocpp.listener.ws.", "ocpp.listener.wss.")
 ALIASES = {"ocpp.upstream.strit_mode", "ocpp.dnstream.strit_mode"}
 
 
 def spec() -> dict[str, str]:
-    """key -> check, read the way ocpp_edge/config.py reads it."""
+    """key -> check, read the way ocpp_edge/config/keys.py reads it."""
     text = (resources.files("ocpp_edge.config") / "configspec.ini").read_text("utf-8")
     return dict(ConfigObj(text.splitlines(), list_values=False, interpolation=False))
 
@@ -117,7 +117,8 @@ def test_conf_page_documents_no_key_the_spec_lacks():
 
 def _cli_words() -> list[str]:
     """Long options and sub-commands of ``ocpp-edge`` and of the commands it hands over
-    to (``passwd``/``cert``: ocpp_edge.tools.commands, ``ctl``: ocpp_edge.ops.ctl), however nested."""
+    to (``passwd``/``cert``: ocpp_edge.tools.commands, ``ctl``: ocpp_edge.ops.ctl),
+    however nested."""
     import importlib
 
     words: list[str] = []

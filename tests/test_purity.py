@@ -5,9 +5,10 @@ by other tests can hide a violation."""
 import subprocess
 import sys
 
-FORBIDDEN = ("tornado", "paho", "sdnotify", "configobj", "asyncio", "socket")
-CORE = ("ocpp_edge.core.ocppj.codec", "ocpp_edge.core.ocppj.messages", "ocpp_edge.core.ocppj.errors",
-        "ocpp_edge.core.session", "ocpp_edge.core.router")
+FORBIDDEN = ("tornado", "paho", "sdnotify", "configobj", "asyncio", "socket", "sqlite3")
+CORE = ("ocpp_edge.core.ocppj.codec", "ocpp_edge.core.ocppj.messages",
+        "ocpp_edge.core.ocppj.errors", "ocpp_edge.core.session", "ocpp_edge.core.router",
+        "ocpp_edge.core.validation")
 
 
 def test_core_imports_no_io():

@@ -9,7 +9,11 @@ import json
 
 import pytest
 
-from ocpp_edge.core.ocppj.errors import FormatViolation, NotImplementedError_, TypeConstraintViolation
+from ocpp_edge.core.ocppj.errors import (
+    FormatViolation,
+    NotImplementedError_,
+    TypeConstraintViolation,
+)
 from ocpp_edge.core.ocppj.messages import Call, CallError, CallResult, CallResultError, Send
 from ocpp_edge.core.session import (
     CloseConnection,

@@ -14,9 +14,9 @@ import time
 
 from conftest import ROOT
 
-from ocpp_edge.tools import cert as certtool
 from ocpp_edge.daemon import cli
 from ocpp_edge.south.credentials import PasswordFile, hash_password, verify
+from ocpp_edge.tools import cert as certtool
 
 
 def run(*args, stdin: bytes = b"", timeout=30):

@@ -1,4 +1,4 @@
-"""Schema checking (ocpp_edge/validation.py) against the shipped OCA schemas."""
+"""Schema checking (ocpp_edge/core/validation.py) against the shipped OCA schemas."""
 
 from __future__ import annotations
 

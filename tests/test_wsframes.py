@@ -1,6 +1,6 @@
-"""The batch frame reader (ocpp_edge/wsframes.py) against real sockets.
+"""The batch frame reader (ocpp_edge/south/frames.py) against real sockets.
 
-A Tornado server whose handler uses ``BatchReadProtocol`` (as ``cp_server`` does) and a raw
+A Tornado server whose handler uses ``BatchReadProtocol`` (as ``south.listener`` does) and a raw
 TCP client that writes RFC 6455 client frames split at arbitrary byte boundaries: every
 message arrives whole and in order, whatever the split; every protocol violation ends
 the connection the way Tornado's own reader does; a flooding socket does not hold up

@@ -31,6 +31,9 @@ from ocpp_edge.core.ocppj.messages import (
 
 UPSTREAM_PLACEHOLDERS = frozenset({"cid", "clientid", "action", "id", "type", "proto"})
 DNSTREAM_PLACEHOLDERS = frozenset({"cid", "clientid"})
+# The presence topics (ocpp_edge/north/presence.py): gateway status, charge point events.
+STATUS_PLACEHOLDERS = frozenset({"node"})
+EVENT_PLACEHOLDERS = frozenset({"cid", "clientid", "node", "event"})
 
 _PLACEHOLDER = re.compile(r"\$\{([^{}]*)\}")
 # Characters that may never appear in a topic we publish to (MQTT 3.1.1 §4.7.1, §1.5.3).

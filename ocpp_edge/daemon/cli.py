@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return ctl.main(argv[1:])
     args = _parser().parse_args(argv)
-    from ocpp_edge.config import loader as config  # imported here so --version/--help stay instant
+    from ocpp_edge import config  # imported here so --version/--help stay instant
 
     try:
         settings = config.load(args.config)
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(settings) -> int:
-    from ocpp_edge.errors import OcppEdgeError
-    from ocpp_edge.gateway import Gateway
+    from ocpp_edge.core.validation import SchemaError
     from ocpp_edge.daemon.notify import Notifier
     from ocpp_edge.daemon.service import Service
-    from ocpp_edge.core.validation import SchemaError
+    from ocpp_edge.errors import OcppEdgeError
+    from ocpp_edge.gateway import Gateway
 
     # First, before any child process (DNS look-ups) could inherit NOTIFY_SOCKET.
     notifier = Notifier()

@@ -10,9 +10,9 @@ systemd.service(5) ``Type=notify`` contract, through :class:`~ocpp_edge.notify.N
 * ``WATCHDOG=1`` from the event loop at half of ``WATCHDOG_USEC``: a stuck loop stops the
   pings and systemd restarts the service.
 * SIGHUP (``systemctl reload``): ``RELOADING=1``, the file is read again and applied
-  (``Gateway.reload``), then ``READY=1``. A file that is invalid or cannot be applied
-  leaves the running configuration in place; the journal says why and ``STATUS=`` says
-  so until a reload succeeds.
+  (``Gateway.reload``; the log level here), then ``READY=1``. A file that is invalid or
+  cannot be applied leaves the running configuration in place; the journal says why and
+  ``STATUS=`` says so until a reload succeeds.
 * SIGTERM/SIGINT: ``STOPPING=1``; listeners stop accepting, charge points are closed with
   1001, the buffer is committed, the broker connection is closed with DISCONNECT; exit 0.
 """
@@ -25,10 +25,11 @@ import signal
 import ssl
 import time
 
-from ocpp_edge.config import loader as config
+from ocpp_edge import config
+from ocpp_edge.daemon import log as logsetup
+from ocpp_edge.daemon.notify import Notifier
 from ocpp_edge.errors import OcppEdgeError
 from ocpp_edge.gateway import Gateway
-from ocpp_edge.daemon.notify import Notifier
 
 log = logging.getLogger("ocpp_edge")
 
@@ -91,6 +92,7 @@ class Service:
         try:
             settings = config.load(self.config_path)
             restart = self.gateway.reload(settings)
+            logsetup.set_level(self.gateway.settings.log.level)  # the set-up daemon/cli.py made
         except (OcppEdgeError, OSError, ssl.SSLError) as exc:
             when = time.strftime("%H:%M:%S")
             self.reload_problem = (f"reload failed at {when}: old configuration still "

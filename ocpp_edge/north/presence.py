@@ -1,6 +1,6 @@
 """Presence on MQTT: the gateway's retained status and charge point events.
 
-Pure: payloads and topics from plain values; no I/O, no tornado, no paho (``ops.py``
+Pure: payloads and topics from plain values; no I/O, no tornado, no paho (``ops/operations.py``
 publishes them). Modelled on EMQX so that a backend written for EMQX can reuse its
 handlers (EMQX 4 ``emqx_mod_presence``; EMQX 5 ``apps/emqx/src/emqx_sys.erl``,
 ``on_client_connected`` / ``on_client_disconnected``; for gateway clients EMQX 5 publishes
@@ -42,8 +42,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-STATUS_PLACEHOLDERS = frozenset({"node"})
-EVENT_PLACEHOLDERS = frozenset({"cid", "clientid", "node", "event"})
+# Declared with the other placeholders, where the configuration check can see them.
+from ocpp_edge.core.router import EVENT_PLACEHOLDERS, STATUS_PLACEHOLDERS  # noqa: F401
 
 CONNECTED = "connected"
 DISCONNECTED = "disconnected"

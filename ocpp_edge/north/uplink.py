@@ -54,7 +54,7 @@ def _rc(value: object) -> int:
 
 @dataclass(frozen=True)
 class StatusTopic:
-    """A retained status topic (presence.py): ``online()`` is published on every
+    """A retained status topic (north/presence.py): ``online()`` is published on every
     connection before anything from the buffer, ``will`` is left with the broker as the
     MQTT will (MQTT 3.1.1 §3.1.2.5: published when the connection is lost without a
     DISCONNECT), ``stopped()`` is published before a clean DISCONNECT."""
@@ -96,7 +96,7 @@ class MqttUplink:
         self.subscriptions = subscriptions
         self.on_message = on_message
         self.on_state = on_state or (lambda up: None)
-        self.status: StatusTopic | None = None  # set before start() (ops.py)
+        self.status: StatusTopic | None = None  # set before start() (ops/operations.py)
         self.replay_rate = replay_rate  # messages/s, 0: no limit
         self._tokens = float(replay_rate)
         self._tokens_at = 0.0

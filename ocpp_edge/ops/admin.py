@@ -51,8 +51,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
-import stat
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -60,13 +58,11 @@ import tornado.httpserver
 import tornado.web
 from tornado.netutil import bind_sockets
 
-from ocpp_edge.errors import ConfigError
 from ocpp_edge.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("ocpp_edge.admin")
 
 API = "/api/v1"
-MIN_TOKEN_LENGTH = 16
 
 
 class AdminView(Protocol):
@@ -102,67 +98,6 @@ def rfc3339(unix_time: float | None) -> str | None:
         return None
     dt = datetime.fromtimestamp(unix_time, UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine can reach: ``127.0.0.0/8``, ``::1``,
-    ``localhost``. An empty host, a wildcard (``0.0.0.0``, ``::``) or any other name is
-    not loopback: a name could resolve anywhere."""
-    host = host.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def load_token(path: str) -> str:
-    """The bearer token in ``path`` (``admin.token_file``), surrounding whitespace removed.
-
-    Refused with a :class:`ConfigError` saying how to fix it: a missing, unreadable or
-    empty file; a file every user may read (the token lets its holder disconnect charge
-    points); a token with spaces or control characters (it must fit in an HTTP header);
-    a token shorter than 16 characters (guessable).
-    """
-    key = "admin.token_file"
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"the admin token file {path} is not a regular file", key=key)
-            raw = f.read(4096)
-    except FileNotFoundError:
-        raise ConfigError(f"the admin token file {path} does not exist", key=key) from None
-    except PermissionError:
-        raise ConfigError(f"cannot read the admin token file {path}: permission denied",
-                          key=key) from None
-    except IsADirectoryError:
-        raise ConfigError(f"the admin token file {path} is a directory", key=key) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the admin token file {path}: {exc.strerror}",
-                          key=key) from None
-    if st.st_mode & stat.S_IROTH:
-        raise ConfigError(
-            f"the admin token file {path} is readable by every user "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); make it private: chmod 600 {path}",
-            key=key)
-    try:
-        token = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        token = None
-    if token is None or any(not ("!" <= c <= "~") for c in token):
-        raise ConfigError(f"the admin token in {path} must be one word of printable ASCII "
-                          "characters (no spaces)", key=key)
-    if not token:
-        raise ConfigError(f"the admin token file {path} is empty", key=key)
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise ConfigError(
-            f"the admin token in {path} is shorter than {MIN_TOKEN_LENGTH} characters; "
-            f"make a random one: head -c 32 /dev/urandom | base64 > {path}", key=key)
-    return token
 
 
 # -- handlers ----------------------------------------------------------------------------

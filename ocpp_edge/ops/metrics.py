@@ -317,7 +317,7 @@ class GatewayMetrics:
     charge point), as in the configuration keys. A message is counted in the direction it
     travels, whoever answers: a CALLRESULT from a charge point is ``upstream``.
     ``action`` is the CALL's action (for replies: of the CALL they answer, ``""`` when
-    unknown). Close reasons are those of the ``disconnected`` event (presence.py, EMQX's
+    unknown). Close reasons are those of the ``disconnected`` event (north/presence.py, EMQX's
     words where EMQX has one): ``sock_closed`` (the charge point or the network closed
     it), ``kicked``, ``discarded`` (replaced by a new connection with the same id),
     ``keepalive_timeout`` (heartbeat checking), ``shutdown``, ``upstream_down``,
@@ -452,7 +452,7 @@ class GatewayMetrics:
         self._callerrors.inc((direction, self._code(code)))
 
     # ``n``: several at once, for counts another object keeps and the gateway passes on
-    # when scraped (see ops.py).
+    # when scraped (see ops/operations.py).
 
     def timeout(self, direction: str, n: int = 1) -> None:
         self._count_direction(self._timeouts, direction, n)

@@ -1,7 +1,13 @@
 """Operations: the admin endpoint's view of the gateway, its metrics, presence on MQTT.
 
-The adapter between the gateway and ``admin.py`` / ``metrics.py`` / ``presence.py``.
-``Gateway`` makes one :class:`Operations` and calls its hooks as things happen:
+The adapter between the gateway and ``ops/admin.py`` / ``ops/metrics.py`` / ``north/presence.py``.
+It never holds the ``Gateway``: it reads a narrow, read-only
+:class:`~ocpp_edge.ops.view.GatewayView` (settings, counts, the buffer's and the uplink's
+statistics, the listeners') and acts through the view's named commands only (``kick``,
+``publish_event``, ``set_status_topic``). The composition root (``gateway.py``) builds the
+view, makes one :class:`Operations` with it and calls its hooks, with plain values
+(:class:`~ocpp_edge.ops.view.PeerInfo`, the session's counters, a close code), as things
+happen:
 
 ====================  ==================================================================
 ``cp_connected``      a charge point's WebSocket is open and its session made
@@ -18,12 +24,14 @@ Each hook is O(1): a dict lookup and a few additions (``to_cp`` also matches a r
 expression against the first few bytes of the frame). Nothing here scans the charge
 points per message; what other objects already count (the sessions' timeouts, the
 uplink's reconnects and acknowledgements, the buffer's drops, the listeners' refusals)
-is read when somebody asks: one pass over the sessions per scrape of ``/metrics``.
+is read through the view when somebody asks: one pass over the sessions per scrape of
+``/metrics``.
 
-Presence (``presence.py``): the retained gateway status is handed to the uplink (it is
-state, not history: published on every connection and as the will, never buffered); the
-charge point events are appended to the disk buffer like OCPP messages, so they keep
-their place among the charge point's messages on the wire.
+Presence (``north/presence.py``): the retained gateway status is handed to the uplink (it is
+state, not history: published on every connection and as the will, never buffered:
+``set_status_topic``); the charge point events are appended to the disk buffer like OCPP
+messages (``publish_event``), so they keep their place among the charge point's messages
+on the wire.
 """
 
 from __future__ import annotations
@@ -34,26 +42,21 @@ import logging
 import re
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ocpp_edge import __version__
-from ocpp_edge.north import presence
-from ocpp_edge.ops.admin import rfc3339, start_admin_server
-from ocpp_edge.ops.metrics import DNSTREAM, UPSTREAM, GatewayMetrics, RateMeter
-from ocpp_edge.north.uplink import StatusTopic
 from ocpp_edge.core.ocppj.messages import Call, CallError, CallResultError, Message, MessageType
 from ocpp_edge.core.router import TopicError, TopicTemplate, compile_template
-
-if TYPE_CHECKING:
-    from ocpp_edge.south.auth import Refusal
-    from ocpp_edge.south.listener import ChargePointHandler
-    from ocpp_edge.gateway import Gateway
-    from ocpp_edge.core.session import Session
+from ocpp_edge.north import presence
+from ocpp_edge.north.uplink import StatusTopic
+from ocpp_edge.ops.admin import rfc3339, start_admin_server
+from ocpp_edge.ops.metrics import DNSTREAM, UPSTREAM, GatewayMetrics, RateMeter
+from ocpp_edge.ops.view import GatewayView, PeerInfo, SessionStats
 
 log = logging.getLogger("ocpp_edge.ops")
 
 # The head of a frame the codec wrote: [type,"id","action-or-code"... (no spaces; see
-# ocppj/codec.py). Matched from the start only, so its cost does not grow with the payload.
+# core/ocppj/codec.py). Matched from the start only, so its cost does not grow with the payload.
 _FRAME_HEAD = re.compile(r'\[([2-6]),"((?:[^"\\]|\\.)*)"(?:,"([A-Za-z][A-Za-z0-9_]*)")?')
 _TYPE_NAMES = {str(t.value): t.name for t in MessageType}
 MAX_LABELLED_CALLS = 16  # per charge point: ids of its CALLs, to label the replies to them
@@ -105,16 +108,16 @@ class BacklogClock:
 class _Client:
     """What the admin endpoint and the events say about one connection."""
 
-    __slots__ = ("conn", "session", "keepalive", "node", "connected_at", "last_rx", "rx",
+    __slots__ = ("peer", "session", "keepalive", "node", "connected_at", "last_rx", "rx",
                  "tx", "orphans", "schema", "calls")
 
-    def __init__(self, conn: ChargePointHandler, session: Session, keepalive: float,
+    def __init__(self, peer: PeerInfo, session: SessionStats, keepalive: float,
                  node: str) -> None:
-        self.conn = conn
+        self.peer = peer
         self.session = session
         self.keepalive = keepalive
         self.node = node
-        self.connected_at = conn.connected_at or time.time()
+        self.connected_at = peer.connected_at or time.time()
         self.last_rx: float | None = None
         self.rx = 0
         self.tx = 0
@@ -126,13 +129,12 @@ class _Client:
     def info(self) -> dict:
         """The fields both events carry (presence.client_info), made when asked for: one
         dict per connected charge point would cost ~0.5 KB each for two uses."""
-        conn = self.conn
+        peer = self.peer
         return presence.client_info(
-            cid=conn.cid, username=basic_username(conn.authorization), ip=conn.peer,
-            peer_port=_peer_port(conn), sock_port=conn.listener.port,
-            subprotocol=conn.version or "", listener=conn.listener.settings.key,
-            auth=conn.auth_method or "anonymous", connected_at=self.connected_at,
-            keepalive=self.keepalive, node=self.node)
+            cid=peer.cid, username=basic_username(peer.authorization), ip=peer.ip,
+            peer_port=peer.peer_port, sock_port=peer.sock_port,
+            subprotocol=peer.subprotocol, listener=peer.listener, auth=peer.auth,
+            connected_at=self.connected_at, keepalive=self.keepalive, node=self.node)
 
 
 def basic_username(authorization: str | None) -> str | None:
@@ -149,24 +151,17 @@ def basic_username(authorization: str | None) -> str | None:
     return raw.partition(b":")[0].decode("utf-8", "replace")
 
 
-def _peer_port(conn: ChargePointHandler) -> int | None:
-    # Tornado's HTTP1ServerConnection context keeps the (ip, port, ...) it accepted.
-    address = getattr(getattr(conn.request.connection, "context", None), "address", None)
-    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int):
-        return address[1]
-    return None
-
-
 class Operations:
-    """The :class:`~ocpp_edge.admin.AdminView` of one gateway, its metrics and presence."""
+    """The :class:`~ocpp_edge.ops.admin.AdminView` of one gateway, its metrics and
+    presence, from a :class:`~ocpp_edge.ops.view.GatewayView` of it."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(self, view: GatewayView) -> None:
+        self.view = view
         self.started_at = time.time()
         self.loaded_at = self.started_at
-        self._settings_seen = gateway.settings
+        self._settings_seen = view.settings
         self.metrics = GatewayMetrics(__version__, self.started_at)
-        self.node = gateway.settings.mqtt.client_id  # presence's ${node}
+        self.node = view.settings.mqtt.client_id  # presence's ${node}
         self.stopping = False
         self.admin_server: Any = None
         self.admin_port: int | None = None
@@ -176,17 +171,18 @@ class Operations:
         self._templates: dict[str, TopicTemplate] = {}
         self._link_since = self.started_at
         self._ever_up = False
-        buffer, uplink = gateway.buffer, gateway.uplink
+        self._buffer = buffer = view.buffer  # the same object for the gateway's life
+        uplink = view.uplink
         self._backlog = BacklogClock(len(buffer), time.monotonic())
         self._rate = RateMeter(lambda: uplink.published, time.monotonic)
         self.metrics.bind(
-            charge_points=lambda: len(gateway.connections),
+            charge_points=lambda: view.charge_points,
             buffer_messages=lambda: len(buffer), buffer_bytes=lambda: buffer.bytes,
             buffer_oldest_age=lambda: self._backlog.oldest_age(len(buffer), time.monotonic()),
             buffer_dropped=lambda: buffer.dropped,
             upstream_connected=lambda: uplink.connected,
             published=lambda: uplink.published, replay_rate=self._rate.rate)
-        status = self._render(gateway.settings.ocpp.status_topic, {"node": self.node})
+        status = self._render(view.settings.ocpp.status_topic, {"node": self.node})
         if status is not None:
             started = rfc3339(self.started_at) or ""
 
@@ -194,17 +190,17 @@ class Operations:
                 return presence.status_payload(state, node=self.node, version=__version__,
                                                started_at=started, now=now, reason=reason)
 
-            uplink.status = StatusTopic(
+            view.set_status_topic(StatusTopic(
                 topic=status,
                 online=lambda: payload(presence.ONLINE, None, time.time()),
                 will=payload(presence.OFFLINE, "connection_lost", None),
-                stopped=lambda: payload(presence.OFFLINE, "shutdown", time.time()))
+                stopped=lambda: payload(presence.OFFLINE, "shutdown", time.time())))
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the admin endpoint on the running loop (raises OSError: port taken)."""
-        admin = self.gw.settings.admin
+        admin = self.view.settings.admin
         if admin.listen is None:
             log.info("admin endpoint off (admin.listen = off)")
             return
@@ -227,23 +223,23 @@ class Operations:
 
     def config_loaded(self) -> None:
         """The configuration was (re)loaded: call after ``Gateway.reload``."""
-        self._settings_seen = self.gw.settings
+        self._settings_seen = self.view.settings
         self.loaded_at = time.time()
 
     # -- hooks (see the module docstring) -----------------------------------------------
 
-    def cp_connected(self, conn: ChargePointHandler, session: Session) -> None:
-        client = _Client(conn, session, self.gw.settings.ocpp.default_heartbeat_interval,
+    def cp_connected(self, peer: PeerInfo, session: SessionStats) -> None:
+        client = _Client(peer, session, self.view.settings.ocpp.default_heartbeat_interval,
                          self.node)
         info = client.info
-        self._clients[conn.cid] = client
-        self.metrics.connection_opened(conn.listener.settings.key)
+        self._clients[peer.cid] = client
+        self.metrics.connection_opened(peer.listener)
         # Appended before anything the charge point sends: on the wire before its
         # BootNotification (the buffer is one FIFO).
-        self._event(conn.cid, presence.CONNECTED,
+        self._event(peer.cid, presence.CONNECTED,
                     lambda now: presence.connected_payload(info, now))
 
-    def cp_text(self, cid: str, session: Session) -> None:
+    def cp_text(self, cid: str, session: SessionStats) -> None:
         client = self._clients.get(cid)
         if client is None:
             return
@@ -251,12 +247,13 @@ class Operations:
         client.last_rx = time.time()
         self._split_counters(client, session, UPSTREAM)
 
-    def backend_rx(self, cid: str, session: Session) -> None:
+    def backend_rx(self, cid: str, session: SessionStats) -> None:
         client = self._clients.get(cid)
         if client is not None:
             self._split_counters(client, session, DNSTREAM)
 
-    def _split_counters(self, client: _Client, session: Session, direction: str) -> None:
+    def _split_counters(self, client: _Client, session: SessionStats,
+                        direction: str) -> None:
         # Session.receive_text checks the charge point's messages (upstream) and only it
         # finds upstream orphans; Session.send does the same for the backend's (dnstream):
         # what changed during one of them belongs to its direction.
@@ -302,9 +299,11 @@ class Operations:
             action = getattr(msg, "action", None) or action  # SEND carries its own
         self.metrics.message(UPSTREAM, msg.type_id.name, action)
         if accepted:
-            self._backlog.appended(len(self.gw.buffer), time.monotonic())
+            self._backlog.appended(len(self._buffer), time.monotonic())
 
-    def cp_gone(self, cid: str, session: Session | None, description: str) -> None:
+    def cp_gone(self, cid: str, session: SessionStats | None, description: str,
+                close_code: int | None = None) -> None:
+        """``close_code``: the WebSocket close code the charge point sent, if any."""
         if session is not None:
             for key in self._retired:
                 self._retired[key] += session.counters[key]
@@ -313,7 +312,8 @@ class Operations:
             return
         reason = presence.reason_code(description)
         self.metrics.connection_closed(reason)
-        close_code = client.conn.close_code if reason == "sock_closed" else None
+        if reason != "sock_closed":
+            close_code = None
         info = client.info
         self._event(cid, presence.DISCONNECTED, lambda now: presence.disconnected_payload(
             info, description, close_code, now))
@@ -322,9 +322,9 @@ class Operations:
         self._link_since = time.time()
         self._ever_up = self._ever_up or up
 
-    def refused(self, conn: ChargePointHandler, refusal: Refusal) -> None:
-        self.metrics.connection_refused(conn.listener.settings.key,
-                                        _REFUSALS.get(refusal.status, "other"))
+    def refused(self, listener: str, status: int) -> None:
+        """A charge point was refused on ``listener`` (its key) with HTTP ``status``."""
+        self.metrics.connection_refused(listener, _REFUSALS.get(status, "other"))
 
     # -- presence events -----------------------------------------------------------------
 
@@ -335,29 +335,27 @@ class Operations:
         if compiled is None:
             allowed = presence.EVENT_PLACEHOLDERS | presence.STATUS_PLACEHOLDERS
             compiled = self._templates[template] = compile_template(template, allowed)
-        return self.gw.settings.ocpp.mountpoint + compiled.render(values)
+        return self.view.settings.ocpp.mountpoint + compiled.render(values)
 
     def _event(self, cid: str, event: str, payload) -> None:
         try:
-            topic = self._render(self.gw.settings.ocpp.event_topic,
+            topic = self._render(self.view.settings.ocpp.event_topic,
                                  {"cid": cid, "node": self.node, "event": event})
         except (TopicError, ValueError, KeyError) as exc:
             log.warning("cp %s: cannot publish the %s event: %s", cid, event, exc)
             return
         if topic is None:
             return
-        buffer = self.gw.buffer
-        if buffer.append(topic, payload(time.time())) is not None:
-            self._backlog.appended(len(buffer), time.monotonic())
-            self.gw.uplink.kick()
+        if self.view.publish_event(topic, payload(time.time())):
+            self._backlog.appended(len(self._buffer), time.monotonic())
 
     # -- AdminView -------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        gw, now = self.gw, time.time()
-        if gw.settings is not self._settings_seen:  # reloaded without config_loaded()
+        view, now = self.view, time.time()
+        if view.settings is not self._settings_seen:  # reloaded without config_loaded()
             self.config_loaded()
-        buffer, uplink, m = gw.buffer, gw.uplink, gw.settings.mqtt
+        buffer, uplink, m = view.buffer, view.uplink, view.settings.mqtt
         state = "connected" if uplink.connected else \
             "disconnected" if self._ever_up else "connecting"
         return {
@@ -365,22 +363,22 @@ class Operations:
             "node": self.node,
             "started_at": rfc3339(self.started_at),
             "uptime_seconds": round(now - self.started_at, 3),
-            "config": {"file": gw.settings.source, "loaded_at": rfc3339(self.loaded_at)},
+            "config": {"file": view.settings.source, "loaded_at": rfc3339(self.loaded_at)},
             "upstream": {
                 "state": state, "connected": uplink.connected,
                 "server": f"{'mqtts' if m.tls else 'mqtt'}://{m.host}:{m.port}",
                 "client_id": m.client_id, "since": rfc3339(self._link_since),
                 "reconnects": uplink.reconnects, "published": uplink.published,
                 "replay_rate": round(self._rate.rate(), 3)},
-            "charge_points": {"connected": len(gw.connections)},
+            "charge_points": {"connected": view.charge_points},
             "buffer": {
                 "messages": len(buffer), "bytes": buffer.bytes,
                 "oldest_age_seconds": _round(self._backlog.oldest_age(
                     len(buffer), time.monotonic())),
                 "dropped": buffer.dropped, "max_messages": buffer.max_messages,
                 "max_bytes": buffer.max_bytes, "dir": str(buffer.dir)},
-            "listeners": [{"name": ls.settings.key, "url": ls.url,
-                           "connections": ls.upgraded} for ls in gw.listeners],
+            "listeners": [{"name": ls.key, "url": ls.url, "connections": ls.connections}
+                          for ls in view.listeners()],
         }
 
     def clients(self) -> list[dict[str, Any]]:
@@ -406,7 +404,7 @@ class Operations:
 
     def kick(self, cid: str) -> bool:
         # EMQX: DELETE /api/v5/clients/{clientid} → the channel's shutdown(kicked).
-        return self.gw.kick(cid, presence.KICKED)
+        return self.view.kick(cid, presence.KICKED)
 
     def metrics_text(self) -> str:
         self._pass_on_totals()
@@ -415,9 +413,9 @@ class Operations:
     def healthy(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "stopping"
-        for listener in self.gw.listeners:
-            if listener.server is None:
-                return False, f"{listener.settings.key} is not listening"
+        for listener in self.view.listeners():
+            if not listener.listening:
+                return False, f"{listener.key} is not listening"
         # Answering at all shows that the IOLoop is responsive.
         return True, "ok"
 
@@ -425,7 +423,7 @@ class Operations:
 
     def _pass_on_totals(self) -> None:
         timeouts = dict(self._retired)
-        for session in self.gw.sessions.values():
+        for session in self.view.sessions():
             for key in timeouts:
                 timeouts[key] += session.counters[key]
         m = self.metrics
@@ -433,9 +431,9 @@ class Operations:
                    lambda n: m.timeout(UPSTREAM, n))
         self._pass(("timeouts", DNSTREAM), timeouts["timeouts_dnstream"],
                    lambda n: m.timeout(DNSTREAM, n))
-        self._pass(("reconnects",), self.gw.uplink.reconnects, m.upstream_reconnect)
-        for listener in self.gw.listeners:
-            key = listener.settings.key
+        self._pass(("reconnects",), self.view.uplink.reconnects, m.upstream_reconnect)
+        for listener in self.view.listeners():
+            key = listener.key
             for why, count in listener.refused.items():
                 self._pass(("refused", key, why), count,
                            lambda n, k=key, w=why: m.connection_refused(k, w, n))

@@ -13,7 +13,7 @@ Handshake (SPEC "Connection"):
   the client did not offer is never answered. No offer at all: ``default_subprotocol`` is
   used, unechoed, unless ``fail_if_no_subprotocol``. When nothing fits, the handshake
   completes without the header and the socket is closed at once (OCPP-J 1.6 §3.1.2).
-* Authentication (SECURITY.md, ``auth.py``) is decided in ``prepare``, before any
+* Authentication (SECURITY.md, ``south/auth.py``) is decided in ``prepare``, before any
   upgrade: a refusal is an HTTP status (401 with ``WWW-Authenticate``, 403, 404, 429).
 
 Limits (issue "Security"), each refusing the newcomer without disturbing anyone else:
@@ -43,8 +43,8 @@ import tornado.iostream
 import tornado.web
 import tornado.websocket
 
+from ocpp_edge.config import ListenerSettings
 from ocpp_edge.south.auth import Refusal
-from ocpp_edge.config.loader import ListenerSettings
 from ocpp_edge.south.credentials import cid_problem
 from ocpp_edge.south.frames import BatchReadProtocol
 
@@ -181,7 +181,7 @@ class ChargePointHandler(tornado.websocket.WebSocketHandler):
         return None
 
     def get_websocket_protocol(self) -> Any:
-        # Tornado's protocol with the batch frame reader (wsframes.py); any other
+        # Tornado's protocol with the batch frame reader (south/frames.py); any other
         # protocol Tornado might pick is left as it is.
         proto = super().get_websocket_protocol()
         if type(proto) is tornado.websocket.WebSocketProtocol13:

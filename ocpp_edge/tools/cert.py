@@ -70,8 +70,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ocpp_edge.south.credentials import atomic_write, cid_problem
 from ocpp_edge.errors import OcppEdgeError
+from ocpp_edge.south.credentials import atomic_write, cid_problem
 
 DEFAULT_DIR = "/etc/ocpp-edge/tls"
 CA_DAYS = 3650

@@ -14,8 +14,8 @@ import secrets
 import sys
 from collections.abc import Sequence
 
-from ocpp_edge.south.credentials import DEFAULT_PASSWORD_FILE
 from ocpp_edge.errors import OcppEdgeError
+from ocpp_edge.south.credentials import DEFAULT_PASSWORD_FILE
 
 DEFAULT_CONFIG = "/etc/ocpp-edge.conf"
 PASSWORD_FILE_KEY = "auth.password_file"

@@ -23,8 +23,8 @@ The fault is always the peer's, except ``InternalError`` (ours).
 
 from __future__ import annotations
 
-from ocpp_edge.errors import OcppEdgeError
 from ocpp_edge.core.ocppj.messages import Version
+from ocpp_edge.errors import OcppEdgeError
 
 # "-1" is the id of a CALLERROR answering a message whose id could not be read
 # (OCPP 2.0.1 Part 4 §4.2.3); 1.6 has no rule, we use the same value.
