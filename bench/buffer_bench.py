@@ -5,13 +5,13 @@ Benchmark code only, never imported by the product.  Figures go to bench/BUFFER_
 
 Phases (``--phases``, default all):
 
-  1 storage   in one process pinned to CPU 0: ocpp_edge.diskbuffer.DiskBuffer as shipped vs
-              ``AppendLog`` below (a minimal hand-written append-only log: length-prefixed,
-              CRC-checked records appended to one file, one os.fsync per group commit, an ack
-              offset rewritten + fsynced per group commit, no compaction) -> ingest msgs/s
-              (group commit every ``--group`` messages), drain msgs/s (take + ack in windows
-              of ``--take``, commit every ``--drain-commit``), disk bytes per message.
-              Median of ``--reps``.
+  1 storage   in one process pinned to CPU 0: ocpp_edge.store.diskbuffer.DiskBuffer as
+              shipped vs ``AppendLog`` in bench/buffer_children.py (a minimal hand-written
+              append-only log: length-prefixed, CRC-checked records appended to one file,
+              one os.fsync per group commit, an ack offset rewritten + fsynced per group
+              commit, no compaction) -> ingest msgs/s (group commit every ``--group``
+              messages), drain msgs/s (take + ack in windows of ``--take``, commit every
+              ``--drain-commit``), disk bytes per message.  Median of ``--reps``.
   2 ingest    the gateway (CPU 0) with its broker address pointing at a port where nothing
               listens; ``--flood-cps`` charge points (CPU 1) send MeterValues CALLs as fast as
               the gateway reads them.  Rate = rows in buffer.sqlite3 (read by this process,
@@ -21,566 +21,62 @@ Phases (``--phases``, default all):
               time until the table is empty (count(*) polled every 0.5 s).  Beside it, in
               the same run, the floor: the same number of in-memory messages of the same
               size published at QoS 1 with the same window, paho on the asyncio/Tornado loop
-              the way mqtt_uplink drives it.  For each interpreter of ``--pythons``.
+              the way MqttUplink (ocpp_edge/north/uplink.py) drives it.  For each
+              interpreter of ``--pythons``.
   4 steady    broker up, bench/backend.py (paho) answering, bench/loadgen.py open loop
               (``--steady-cps`` CPs, ``--steady-rate`` CALLs/s); fsync/fdatasync calls of
               the gateway counted with ``strace -f -c`` for ``--steady-duration`` s.
 
 Usage:  .venv/bin/python bench/buffer_bench.py [--json out.json]   (about 10 minutes)
         .venv/bin/python bench/buffer_bench.py --backlog 200000 --windows 200 --storage-n 50000
-Internal sub-commands (run as children): storage, prefill, floor, flood, subscriber.
+Internal sub-commands (run as children; bench/buffer_children.py): storage, prefill, floor,
+uplinkmem, subscriber, flood.
+
+This file says what is measured: the four phases (methods of Driver), the report and the
+options; bench/harness.py starts, pins, samples and tears down the processes, and
+bench/buffer_children.py holds the code that runs in them.  It is longer than most bench
+files because each phase is a method with its own measurement window (the drain's is split
+into prefill, floor_run and drain_run), and because of the analysis helpers that belong to
+those phases (timer_lateness, socket_queues, summarize_profile).
 """
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
 import signal
 import sqlite3
 import statistics
-import struct
 import subprocess
 import sys
-import tempfile
 import time
-import zlib
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
-sys.path.insert(0, BENCH)
-
-import run as runlib  # noqa: E402  (bench/run.py: process and /proc helpers)
-
-SUT_CPU, LOAD_CPU = 0, 1
-STAMP = "2026-05-09T05:00:00Z"
-# A schema-valid OCPP 1.6 MeterValues request, as a metering charge point sends it.
-METER_PAYLOAD = json.dumps({
-    "connectorId": 1, "transactionId": 4711,
-    "meterValue": [{"timestamp": STAMP, "sampledValue": [
-        {"value": "12345.6", "measurand": "Energy.Active.Import.Register", "unit": "Wh"},
-        {"value": "7360", "measurand": "Power.Active.Import", "unit": "W"}]}]}, separators=(",", ":"))
-N_CIDS = 200
-
-
-def cid(i):
-    return "CP%05d" % (i % N_CIDS + 1)
-
-
-def upstream(uid):
-    """The EMQX-format object the gateway publishes for that CALL (same bytes)."""
-    return ('{"MessageTypeId":2,"UniqueId":"%s","Action":"MeterValues","Payload":%s}'
-            % (uid, METER_PAYLOAD)).encode()
-
-
-def file_bytes(directory):
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
-
-
-def now_cpu_self():
-    t = os.times()
-    return t.user + t.system
-
-
-# ============================================================ phase 1: the two storages
-class AppendLog:
-    """A minimal hand-written durable FIFO with DiskBuffer's interface (bench code only).
-
-    data file: records ``<u32 payload length><u32 crc32><u16 topic length> topic payload``
-    appended with one os.write per group commit, then os.fsync.  ack file: 8 bytes, the
-    offset of the first unacknowledged record, rewritten in place and fsynced per commit.
-    No compaction, no segment rotation: the file only grows (a real one would need both).
-    """
-
-    HDR = struct.Struct("<IIH")
-
-    def __init__(self, directory):
-        from ocpp_edge.store.record import Record
-        self.Record = Record
-        os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, "log.dat")
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.ack_fd = os.open(os.path.join(directory, "ack"), os.O_RDWR | os.O_CREAT, 0o644)
-        raw = os.pread(self.ack_fd, 8, 0)
-        self.acked_off = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-        self.synced_ack = self.acked_off
-        self.reader = open(self.path, "rb", buffering=1 << 20)
-        self.count = self._scan()  # recovery: count (and CRC-check) what is still unacked
-        self.reader.seek(self.acked_off)
-        self.pending = bytearray()
-        from collections import deque
-        self.in_flight = deque()
-        self.commits = 0
-
-    def _scan(self):
-        """Records after the ack offset; a torn tail would be truncated here."""
-        self.reader.seek(self.acked_off)
-        n, read, hdr = 0, self.reader.read, self.HDR
-        while True:
-            head = read(10)
-            if len(head) < 10:
-                return n
-            plen, crc, tlen = hdr.unpack(head)
-            body = read(tlen + plen)
-            if len(body) < tlen + plen or zlib.crc32(body) != crc:
-                return n
-            n += 1
-
-    def __len__(self):
-        return self.count
-
-    def append(self, topic, payload, important=False):
-        t = topic.encode()
-        self.pending += self.HDR.pack(len(payload), zlib.crc32(payload, zlib.crc32(t)), len(t))
-        self.pending += t
-        self.pending += payload
-        self.count += 1
-
-    def take(self, n):
-        out = []
-        read, hdr = self.reader.read, self.HDR
-        for _ in range(n):
-            head = read(10)
-            if len(head) < 10:
-                self.reader.seek(-len(head), 1)
-                break
-            plen, crc, tlen = hdr.unpack(head)
-            t = read(tlen)
-            p = read(plen)
-            if len(p) < plen or zlib.crc32(p, zlib.crc32(t)) != crc:
-                raise RuntimeError("torn or corrupt record")  # recovery: truncate here
-            rec = self.Record(self.reader.tell(), t.decode(), p, True)
-            out.append(rec)
-        self.in_flight.extend(out)
-        return out
-
-    def ack(self, rec):
-        rec.acked = True
-        flight = self.in_flight
-        while flight and flight[0].acked:
-            self.acked_off = flight.popleft().seq
-            self.count -= 1
-
-    def commit(self):
-        if self.pending:
-            os.write(self.fd, self.pending)
-            self.pending.clear()
-            os.fsync(self.fd)
-            self.reader.seek(self.reader.tell())  # drop the reader's stale read-ahead
-        if self.acked_off != self.synced_ack:
-            os.pwrite(self.ack_fd, struct.pack("<Q", self.acked_off), 0)
-            os.fsync(self.ack_fd)
-            self.synced_ack = self.acked_off
-        self.commits += 1
-        return True
-
-    def close(self):
-        self.commit()
-        self.reader.close()
-        os.close(self.fd)
-        os.close(self.ack_fd)
-
-
-def storage_worker(args):
-    """Child (pinned to CPU 0): DiskBuffer vs AppendLog, --reps times, JSON on stdout."""
-    sys.path.insert(0, ROOT)
-    from ocpp_edge.store.diskbuffer import DiskBuffer
-
-    n = args.n
-    topic = "ocpp/cp/CP00001"
-    msgs = [upstream(str(i)) for i in range(1, n + 1)]
-
-    def open_store(kind, d):
-        if kind == "sqlite":
-            return DiskBuffer(d, 2_000_000, 2 << 30)
-        return AppendLog(d)
-
-    def timed(fn):
-        b0, c0, w0 = runlib.cpu_times(SUT_CPU), now_cpu_self(), time.perf_counter()
-        fn()
-        w1, c1, b1 = time.perf_counter(), now_cpu_self(), runlib.cpu_times(SUT_CPU)
-        own = 100.0 * (c1 - c0) / (w1 - w0)
-        return w1 - w0, c1 - c0, max(0.0, runlib.busy_pct(b0, b1) - own)
-
-    results = []
-    for rep in range(args.reps):
-        order = ("sqlite", "log") if rep % 2 == 0 else ("log", "sqlite")
-        for kind in order:
-            d = os.path.join(args.dir, f"{kind}-{rep}")
-            store = open_store(kind, d)
-
-            def ingest():
-                app, group = store.append, args.group
-                for i, p in enumerate(msgs, 1):
-                    app(topic, p, True)
-                    if i % group == 0:
-                        store.commit()
-                store.commit()
-
-            wall_i, cpu_i, foreign_i = timed(ingest)
-            size = file_bytes(d)            # as on disk while running (SQLite: db + -wal)
-            store.close()
-            size_closed = file_bytes(d)
-            t = time.perf_counter()
-            store = open_store(kind, d)     # drain as after a restart: all from disk
-            reopen = time.perf_counter() - t
-            got = [0]
-
-            def drain():
-                take, ack, commit_every = store.take, store.ack, args.drain_commit
-                since = 0
-                while True:
-                    recs = take(args.take)
-                    if not recs:
-                        break
-                    for r in recs:
-                        ack(r)
-                    got[0] += len(recs)
-                    since += len(recs)
-                    if since >= commit_every:
-                        store.commit()
-                        since = 0
-                store.commit()
-
-            wall_d, cpu_d, foreign_d = timed(drain)
-            left = len(store)
-            store.close()
-            results.append({
-                "rep": rep, "store": kind, "n": n,
-                "ingest_msgs_s": n / wall_i, "ingest_cpu_us": cpu_i * 1e6 / n,
-                "ingest_wall_s": wall_i, "ingest_foreign_cpu0_pct": foreign_i,
-                "drain_msgs_s": got[0] / wall_d, "drain_cpu_us": cpu_d * 1e6 / max(1, got[0]),
-                "drain_wall_s": wall_d, "drain_foreign_cpu0_pct": foreign_d,
-                "drained": got[0], "left_after_drain": left, "reopen_s": reopen,
-                "bytes_per_msg": size / n, "bytes_per_msg_closed": size_closed / n,
-                "payload_bytes": len(msgs[0]), "topic_bytes": len(topic)})
-            shutil.rmtree(d, ignore_errors=True)
-            print("STEP " + json.dumps(results[-1]), file=sys.stderr, flush=True)
-    print("RESULT " + json.dumps(results), flush=True)
-
-
-# ============================================================ phase 3 children
-def prefill_worker(args):
-    """Child: --n records into a DiskBuffer in --dir, as the gateway writes them."""
-    sys.path.insert(0, ROOT)
-    from ocpp_edge.store.diskbuffer import DiskBuffer, FILENAME
-    buf = DiskBuffer(args.dir, 2_000_000, 2 << 30)
-    t = time.perf_counter()
-    for i in range(1, args.n + 1):
-        buf.append("ocpp/cp/" + cid(i), upstream(str(i)), True)
-        if i % 10_000 == 0:
-            buf.commit()
-    buf.commit()
-    wall = time.perf_counter() - t
-    open_bytes = file_bytes(args.dir)
-    buf.close()
-    out = {"n": args.n, "wall_s": wall, "bytes_open": open_bytes,
-           "bytes_closed": file_bytes(args.dir),
-           "db_bytes": os.path.getsize(os.path.join(args.dir, FILENAME)),
-           "payload_bytes_last": len(upstream(str(args.n)))}
-    print("RESULT " + json.dumps(out), flush=True)
-
-
-def floor_worker(args):
-    """Child (pinned to CPU 0): publish --n in-memory messages at QoS 1, window --window.
-
-    paho on the asyncio/Tornado loop exactly as mqtt_uplink drives it: add_reader →
-    loop_read, on_socket_register_write → add_writer(loop_write), loop_misc every second,
-    max_inflight_messages_set(0), TCP_NODELAY; every PUBACK frees a slot and schedules one
-    pump per loop turn (IOLoop.add_callback), which publishes up to the window."""
-    import mqttcompat
-    from tornado.ioloop import IOLoop
-
-    async def main():
-        host, port = args.mqtt.rsplit(":", 1)
-        pool = [("ocpp/cp/" + cid(k), upstream(str(900000 + k))) for k in range(1024)]
-        client = mqttcompat.new_client("bench-floor-drain")
-        done = asyncio.get_running_loop().create_future()
-        st = {"sent": 0, "acked": 0, "scheduled": False, "t0": None, "c0": None}
-        inflight = {}
-        window, n = args.window, args.n
-
-        def pump():
-            st["scheduled"] = False
-            room = min(window - len(inflight), n - st["sent"])
-            i = st["sent"]
-            for _ in range(room):
-                topic, payload = pool[i & 1023]
-                info = client.publish(topic, payload, 1)
-                inflight[info.mid] = i
-                i += 1
-            st["sent"] = i
-
-        def kick():
-            if not st["scheduled"]:
-                st["scheduled"] = True
-                IOLoop.current().add_callback(pump)
-
-        def on_connect(c, userdata, flags, rc, properties=None):
-            st["t0"], st["c0"] = time.perf_counter(), now_cpu_self()
-            kick()
-
-        def on_publish(c, userdata, mid, *rest):
-            if inflight.pop(mid, None) is not None:
-                st["acked"] += 1
-                if st["acked"] == n:
-                    if not done.done():
-                        done.set_result(None)
-                else:
-                    kick()
-
-        client.on_connect = on_connect
-        client.on_publish = on_publish
-        mqttcompat.LoopDriver(client, "register")
-        client.connect(host, int(port), keepalive=60)
-        await asyncio.wait_for(done, args.timeout)
-        wall, cpu = time.perf_counter() - st["t0"], now_cpu_self() - st["c0"]
-        print("RESULT " + json.dumps({"n": n, "window": window, "wall_s": wall,
-                                      "msgs_s": n / wall, "cpu_s": cpu,
-                                      "cpu_us_per_msg": cpu * 1e6 / n}), flush=True)
-        client.disconnect()
-
-    asyncio.run(main())
-
-
-def uplinkmem_worker(args):
-    """Child (pinned to CPU 0): the product's MqttUplink publishing --n records from an
-    in-memory FIFO (no SQLite) -- separates the uplink's own cost from DiskBuffer's."""
-    sys.path.insert(0, ROOT)
-    from collections import deque
-
-    from ocpp_edge.store.record import Record
-    from ocpp_edge.north.uplink import MqttUplink
-
-    class MemBuffer:
-        def __init__(self, n):
-            self.q = deque(Record(i, "ocpp/cp/" + cid(i), upstream(str(i)), True)
-                           for i in range(1, n + 1))
-            self.flight = deque()
-            self.count = n
-
-        def __len__(self):
-            return self.count
-
-        def take(self, k):
-            q, out = self.q, []
-            while q and len(out) < k:
-                out.append(q.popleft())
-            self.flight.extend(out)
-            return out
-
-        def ack(self, rec):
-            rec.acked = True
-            f = self.flight
-            while f and f[0].acked:
-                f.popleft()
-                self.count -= 1
-
-        def rewind(self):
-            n = len(self.flight)
-            self.q.extendleft(reversed(self.flight))
-            self.flight.clear()
-            return n
-
-    async def main():
-        host, port = args.mqtt.rsplit(":", 1)
-        buf = MemBuffer(args.n)
-        st = {}
-
-        def on_state(up):
-            if up and "t0" not in st:
-                st["t0"], st["c0"] = time.perf_counter(), now_cpu_self()
-
-        up = MqttUplink(host=host, port=int(port), client_id="bench-uplink-mem", username=None,
-                        password=None, qos=1, clean_session=True, keepalive=60,
-                        reconnect_delay_min=0.1, reconnect_delay_max=1.0,
-                        max_inflight=args.window, buffer=buf, subscriptions=[],
-                        on_message=lambda t, p: None, on_state=on_state)
-        up.start()
-        deadline = time.monotonic() + args.timeout
-        while len(buf) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        wall, cpu = time.perf_counter() - st["t0"], now_cpu_self() - st["c0"]
-        print("RESULT " + json.dumps({"n": args.n, "window": args.window, "wall_s": wall,
-                                      "msgs_s": args.n / wall, "cpu_s": cpu,
-                                      "cpu_us_per_msg": cpu * 1e6 / args.n,
-                                      "left": len(buf)}), flush=True)
-        await up.stop(0.1)
-
-    asyncio.run(main())
-
-
-class Tally:
-    """Subscriber side of the loss/duplication check: UniqueIds seen, in arrival order."""
-
-    def __init__(self, n):
-        self.seen = bytearray(n + 2)
-        self.received = self.dups = self.out_of_order = self.foreign = 0
-        self.last = 0
-
-    def handle(self, topic, payload):
-        self.received += 1
-        start = payload.find(b'"UniqueId":"') + 12
-        try:
-            uid = int(payload[start:payload.index(b'"', start)])
-        except ValueError:
-            self.foreign += 1
-            return None
-        if uid < len(self.seen) and self.seen[uid]:
-            self.dups += 1
-        elif uid < len(self.seen):
-            self.seen[uid] = 1
-        if uid < self.last:
-            self.out_of_order += 1
-        self.last = uid
-        return None
-
-
-def subscriber_worker(args):
-    """Child: subscribe ocpp/cp/# at QoS 1 and check every UniqueId 1..n arrives once."""
-    import backend
-
-    async def main():
-        tally = Tally(args.n)
-        host, port = args.mqtt.rsplit(":", 1)
-        loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(
-            lambda: backend.RawMqtt(tally, 0, 1), host, int(port))
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        missing = sum(1 for i in range(1, args.n + 1) if not tally.seen[i])
-        print("STATS " + json.dumps({"received": tally.received, "distinct": args.n - missing,
-                                     "missing": missing, "duplicates": tally.dups,
-                                     "out_of_order": tally.out_of_order,
-                                     "unparsed": tally.foreign}), flush=True)
-        proto.disconnect()
-
-    asyncio.run(main())
-
-
-# ============================================================ phase 2 child: the flood
-def flood_worker(args):
-    """Child: --count charge points sending MeterValues CALLs as fast as the peer reads.
-
-    Each socket keeps writing while asyncio's transport is not paused (high-water mark
-    --high bytes) and its kernel send buffer is --sndbuf bytes: no answer is awaited."""
-    import socket as socketlib
-    from loadgen import RawWebSocket, read_go_line
-
-    class FloodWS(RawWebSocket):
-        paused = False
-        resumed = None
-        received = 0
-
-        def connection_made(self, transport):
-            sock = transport.get_extra_info("socket")
-            sock.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_SNDBUF, args.sndbuf)
-            transport.set_write_buffer_limits(high=args.high)
-            super().connection_made(transport)
-
-        def pause_writing(self):
-            self.paused = True
-            self.resumed = asyncio.get_running_loop().create_future()
-
-        def resume_writing(self):
-            self.paused = False
-            if self.resumed is not None and not self.resumed.done():
-                self.resumed.set_result(None)
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        host, port = args.host, args.port
-        cps = []
-        sem = asyncio.Semaphore(50)
-
-        async def connect(i):
-            name = "CP%05d" % i
-            box = {}
-
-            def on_frame(msg):
-                box["ws"].received += 1
-
-            async with sem:
-                _, ws = await loop.create_connection(
-                    lambda: FloodWS(on_frame, f"{host}:{port}", f"/ocpp/{name}", "ocpp1.6"),
-                    host, port)
-                box["ws"] = ws
-                await asyncio.wait_for(ws.handshake, 20)
-            return ws
-
-        cps = await asyncio.gather(*(connect(i) for i in range(args.first,
-                                                               args.first + args.count)))
-        print("READY " + json.dumps({"connected": len(cps)}), flush=True)
-        line = await read_go_line()
-        _, t0, t1 = line.split()
-        t1 = float(t1)
-        sent = [0]
-        head = '[2,"'
-        tail = '","MeterValues",' + METER_PAYLOAD + "]"
-
-        async def blast(ws, k):
-            seq = 0
-            while time.time() < t1 and not ws.closed:
-                if ws.paused:
-                    await ws.resumed
-                    continue
-                for _ in range(8):
-                    seq += 1
-                    ws.write_message(f"{head}{k}-{seq}{tail}")
-                sent[0] += 8
-                await asyncio.sleep(0)
-
-        await asyncio.gather(*(blast(ws, k) for k, ws in enumerate(cps)))
-        # everything written must leave this process before it is counted as sent
-        deadline = time.time() + 120
-        while time.time() < deadline and any(
-                not ws.closed and ws.transport.get_write_buffer_size() for ws in cps):
-            await asyncio.sleep(0.05)
-        print("RESULT " + json.dumps({
-            "sent": sent[0], "closed": sum(ws.closed for ws in cps),
-            "frames_received": sum(ws.received for ws in cps),
-            "unflushed_bytes": sum(ws.transport.get_write_buffer_size() for ws in cps
-                                   if not ws.closed)}), flush=True)
-        await asyncio.sleep(3600)       # keep the connections until killed
-
-    asyncio.run(main())
+import buffer_children
+import harness as h
+from harness import LOAD_CPU, ROOT, SUT_CPU
 
 
 # ============================================================ the driver
 class Driver:
-    def __init__(self, args):
+    def __init__(self, args, tmp, kids):
         self.a = args
-        self.tmp = tempfile.mkdtemp(prefix="ocpp-edge-bufbench-")
-        self.kids = runlib.Children(self.tmp)
-        self.report = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "command": " ".join(["python", "bench/buffer_bench.py", *sys.argv[1:]]),
-                       "machine": runlib.machine_info(args.mosquitto),
-                       "source": runlib.source_info(), "interpreters": {}}
+        self.tmp = tmp
+        self.kids = kids
+        self.report = {**h.report_head(" ".join(["python", "bench/buffer_bench.py",
+                                                  *sys.argv[1:]]), args.mosquitto),
+                       "interpreters": {}}
 
     def log(self, text):
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     def quiet(self):
         if self.a.quiet_wait > 0:
-            return runlib.wait_quiet([SUT_CPU, LOAD_CPU], self.a.quiet_wait)
+            return h.wait_quiet([SUT_CPU, LOAD_CPU], self.a.quiet_wait)
         return None
 
     # -- processes -------------------------------------------------------------------------
     def mosquitto(self, name):
-        port = runlib.free_port()
-        conf = os.path.join(self.tmp, f"{name}.conf")
-        with open(conf, "w") as f:
-            f.write("\n".join([f"listener {port} 127.0.0.1", "allow_anonymous true",
-                               "persistence false", "max_inflight_messages 0",
-                               "max_queued_messages 0", "max_queued_bytes 0",
-                               "set_tcp_nodelay true", "log_dest stderr", "log_type error",
-                               "log_type warning", ""]))
-        proc = self.kids.start(name, [self.a.mosquitto, "-c", conf], LOAD_CPU)
-        if not runlib.wait_port(port, 5.0):
-            raise RuntimeError(f"mosquitto did not listen: {proc.stderr_tail()}")
-        return proc, port
+        return h.start_mosquitto(self.kids, self.a.mosquitto, name, LOAD_CPU)
 
     def gateway(self, name, python, ws_port, mqtt_port, buffer_dir, extra=()):
         keys = [("ocpp.listener.ws", f"127.0.0.1:{ws_port}"),
@@ -593,27 +89,15 @@ class Driver:
                 ("auth.allow_anonymous", "true"),
                 ("auth.password_file", ""),
                 ("ocpp.max_message_rate", "0"),  # the bench floods on purpose
-                *extra]
-        if runlib.spec_has_key(ROOT, "admin.listen"):
-            # the admin endpoint on a free port: 127.0.0.1:33080 may be taken by another gateway
-            keys.append(("admin.listen", f"127.0.0.1:{runlib.free_port()}"))
+                *extra, *h.admin_listen(ROOT)]
         conf = os.path.join(self.tmp, f"{name}.conf")
-        text = "".join(f"{k} = {v}\n" for k, v in keys)
-        with open(conf, "w") as f:
-            f.write(text)
-        proc = self.kids.start(name, [python, "-m", "ocpp_edge", "--config", conf], SUT_CPU)
+        text = h.gateway_config(conf, keys)
+        proc = h.start_gateway(self.kids, name, python, conf, SUT_CPU)
         proc.config = text
         return proc
 
     def child(self, name, python, argv, cpu, **kw):
         return self.kids.start(name, [python, os.path.abspath(__file__), *argv], cpu, **kw)
-
-    def expect(self, proc, prefix, timeout):
-        line = proc.expect(prefix, timeout)
-        if line is None:
-            raise RuntimeError(f"{proc.name}: no {prefix.strip()} line; "
-                               f"{proc.stderr_tail(5)}")
-        return json.loads(line[len(prefix):])
 
     @staticmethod
     def count_rows(db):
@@ -634,7 +118,7 @@ class Driver:
                        ["storage", "--n", str(a.storage_n), "--reps", str(a.reps),
                         "--dir", d, "--group", str(a.group), "--take", str(a.take),
                         "--drain-commit", str(a.drain_commit)], SUT_CPU)
-        rows = self.expect(p, "RESULT ", 900)
+        rows = p.expect_json("RESULT ", 900)
         self.kids.stop(p)
         out = {"rows": rows, "median": {}}
         for kind in ("sqlite", "log"):
@@ -655,32 +139,29 @@ class Driver:
                  f"{a.flood_duration:g} s")
         self.quiet()
         bdir = os.path.join(self.tmp, f"ingest-{tag}")
-        ws_port, dead = runlib.free_port(), runlib.free_port()
+        ws_port, dead = h.free_port(), h.free_port()
         gw = self.gateway(f"gw-ingest-{tag}", python, ws_port, dead, bdir,
                           [("ocpp.upstream.awaiting_timeout", "1h")])
         try:
-            if not runlib.wait_port(ws_port, 20):
+            if not h.wait_port(ws_port, 20):
                 raise RuntimeError(f"gateway did not listen: {gw.stderr_tail()}")
             time.sleep(1.0)
             floods, first = [], 1
-            for i, count in enumerate(runlib.split(a.flood_cps, a.flood_procs)):
+            for i, count in enumerate(h.split(a.flood_cps, a.flood_procs)):
                 floods.append(self.child(f"flood-{tag}-{i}", python,
                                          ["flood", "--port", str(ws_port), "--first", str(first),
                                           "--count", str(count)], LOAD_CPU, stdin=True))
                 first += count
-            connected = sum(self.expect(f, "READY ", 60)["connected"] for f in floods)
+            connected = sum(f.expect_json("READY ", 60)["connected"] for f in floods)
             db = self.ro(os.path.join(bdir, "buffer.sqlite3"))
-            t0 = time.time() + a.warmup
-            t1 = t0 + a.flood_duration
-            t_go, cpu_go = time.time(), runlib.proc_cpu_s(gw.pid)
-            for f in floods:
-                f.send(f"go {t0:.6f} {t1:.6f}\n")
+            t_go, cpu_go = time.time(), h.proc_cpu_s(gw.pid)
+            t0, t1 = h.go(floods, a.warmup, a.flood_duration)
 
             def sample():
-                return (time.time(), self.count_rows(db), runlib.proc_cpu_s(gw.pid),
-                        runlib.cpu_times(SUT_CPU))
+                return (time.time(), self.count_rows(db), h.proc_cpu_s(gw.pid),
+                        h.cpu_times(SUT_CPU))
 
-            runlib.sleep_until(t0)
+            h.sleep_until(t0)
             w0, n0, c0, s0 = sample()
             # Poll every 0.1 s: the instants the count changes are the gateway's commits.
             commits = [(w0, n0, c0)]
@@ -688,10 +169,10 @@ class Driver:
                 time.sleep(0.1)
                 t, n = time.time(), self.count_rows(db)
                 if n != commits[-1][1]:
-                    commits.append((t, n, runlib.proc_cpu_s(gw.pid)))
+                    commits.append((t, n, h.proc_cpu_s(gw.pid)))
             w1, n1, c1, s1 = sample()
             rows = n1 - n0
-            gaps = sorted(b[0] - a_[0] for a_, b in zip(commits[1:], commits[2:]))
+            gaps = sorted(b[0] - a_[0] for a_, b in zip(commits[1:], commits[2:], strict=False))
             seen = commits[1:]
             if len(seen) >= 2:      # first to last commit seen inside the window
                 rows_c = seen[-1][1] - seen[0][1]
@@ -699,7 +180,7 @@ class Driver:
                 cpu_c = (seen[-1][2] - seen[0][2]) * 1e6 / rows_c if rows_c else None
             else:
                 rate_c = cpu_c = None
-            res = [self.expect(f, "RESULT ", 150) for f in floods]
+            res = [f.expect_json("RESULT ", 150) for f in floods]
             sent = sum(r["sent"] for r in res)
             # Let the gateway read what is still queued in its sockets, then compare.
             t_wait = time.time()
@@ -713,11 +194,11 @@ class Driver:
                         and not q["clients_send_q_bytes"]):
                     break
                 time.sleep(0.25)
-            cpu_done = runlib.proc_cpu_s(gw.pid)
+            cpu_done = h.proc_cpu_s(gw.pid)
             queued = socket_queues(ws_port)
-            gw_cpu_settle = runlib.proc_cpu_s(gw.pid)
+            gw_cpu_settle = h.proc_cpu_s(gw.pid)
             time.sleep(1.0)
-            gw_cpu_idle_pct = 100 * (runlib.proc_cpu_s(gw.pid) - gw_cpu_settle)
+            gw_cpu_idle_pct = 100 * (h.proc_cpu_s(gw.pid) - gw_cpu_settle)
             out = {"python": python, "cps_connected": connected, "window_s": w1 - w0,
                    "rows_in_window": rows, "rows_per_s_edges": rows / (w1 - w0),
                    "rows_per_s": rate_c, "gw_cpu_us_per_msg": cpu_c,
@@ -726,8 +207,7 @@ class Driver:
                                     "max": gaps[-1] if gaps else None,
                                     "min": gaps[0] if gaps else None},
                    "gw_cpu_pct": 100 * (c1 - c0) / (w1 - w0),
-                   "cpu0_foreign_pct": max(0.0, runlib.busy_pct(s0, s1)
-                                           - 100 * (c1 - c0) / (w1 - w0)),
+                   "cpu0_foreign_pct": h.foreign_pct(s0, s1, c1 - c0, w1 - w0),
                    "frames_sent_total": sent, "rows_final": last,
                    # every frame sent, stored, over the time from 'go' to the last commit
                    "whole_rows_per_s": last / (stable_since - t_go),
@@ -760,7 +240,7 @@ class Driver:
         self.log(f"prefill {n:,} records with DiskBuffer into {d}")
         p = self.child("prefill-" + name, self.a.pythons[0],
                        ["prefill", "--dir", d, "--n", str(n)], LOAD_CPU)
-        res = self.expect(p, "RESULT ", 1200)
+        res = p.expect_json("RESULT ", 1200)
         self.kids.stop(p)
         res["dir"] = d
         self.log(f"  {res['wall_s']:.1f} s, {res['bytes_closed'] / n:.0f} B/msg on disk")
@@ -773,11 +253,10 @@ class Driver:
             p = self.child(f"{kind}-{window}", python,
                            [kind, "--mqtt", f"127.0.0.1:{port}", "--n", str(n),
                             "--window", str(window)], SUT_CPU)
-            s0 = runlib.cpu_times(SUT_CPU)
-            res = self.expect(p, "RESULT ", 900)
-            s1 = runlib.cpu_times(SUT_CPU)
-            res["cpu0_foreign_pct"] = max(0.0, runlib.busy_pct(s0, s1)
-                                          - 100 * res["cpu_s"] / res["wall_s"])
+            s0 = h.cpu_times(SUT_CPU)
+            res = p.expect_json("RESULT ", 900)
+            s1 = h.cpu_times(SUT_CPU)
+            res["cpu0_foreign_pct"] = h.foreign_pct(s0, s1, res["cpu_s"], res["wall_s"])
             self.kids.stop(p)
             return res
         finally:
@@ -802,17 +281,17 @@ class Driver:
                     raise RuntimeError(f"subscriber not ready: {sub.stderr_tail()}")
             db = self.ro(os.path.join(bdir, "buffer.sqlite3"))
             t_spawn = time.monotonic()
-            gw = self.gateway("gw-" + name, python, runlib.free_port(), port, bdir,
+            gw = self.gateway("gw-" + name, python, h.free_port(), port, bdir,
                               [("mqtt.max_inflight", str(window))])
             cpu_prev = 0.0
             trace = []            # (t since spawn, rows, gateway cpu s)
             spy = None
-            s0 = runlib.cpu_times(SUT_CPU)
+            s0 = h.cpu_times(SUT_CPU)
             while True:
                 t = time.monotonic() - t_spawn
                 rows = self.count_rows(db)
                 try:
-                    cpu_prev = runlib.proc_cpu_s(gw.pid)
+                    cpu_prev = h.proc_cpu_s(gw.pid)
                 except OSError:
                     pass
                 trace.append((round(t, 3), rows, cpu_prev))
@@ -825,7 +304,7 @@ class Driver:
                 if rows == 0 or not gw.alive() or t > a.drain_timeout:
                     break
                 time.sleep(0.5)
-            s1 = runlib.cpu_times(SUT_CPU)
+            s1 = h.cpu_times(SUT_CPU)
             db.close()
             out = {"python": python, "window": window, "n": n, "trace": trace,
                    "gw_alive": gw.alive(), "gw_stderr": gw.stderr_tail(5)}
@@ -842,8 +321,8 @@ class Driver:
                 out["steady_msgs_s"] = (hi[1] - lo[1]) / (lo[0] - hi[0]) \
                     if lo[0] > hi[0] else None
                 out["gw_cpu_us_per_msg"] = (trace[-1][2] - trace[first][2]) * 1e6 / rows_first
-                out["cpu0_foreign_pct"] = max(0.0, runlib.busy_pct(s0, s1) - 100 * (
-                    trace[-1][2] - trace[0][2]) / max(1e-9, t_end - trace[0][0]))
+                out["cpu0_foreign_pct"] = h.foreign_pct(s0, s1, trace[-1][2] - trace[0][2],
+                                                        max(1e-9, t_end - trace[0][0]))
             else:
                 out["error"] = f"not drained: {trace[-1][1]} rows left after {trace[-1][0]} s"
             if spy is not None:
@@ -890,7 +369,7 @@ class Driver:
                 p_ = pre if k == 0 else pre_other
                 n = p_["n"]
                 attempts = []
-                for attempt in range(1 + a.retries):
+                for _ in range(1 + a.retries):
                     self.log(f"phase 3 [paho {paho}, window {window}, {n:,}]: floor ...")
                     fl = self.floor_run(python, window, n)
                     self.log(f"  floor {fl['msgs_s']:,.0f} msg/s ({fl['cpu_us_per_msg']:.1f} µs "
@@ -957,43 +436,34 @@ class Driver:
         mosq, port = self.mosquitto("mosq-steady")
         procs = []
         try:
-            be = self.kids.start("backend", [python, os.path.join(BENCH, "backend.py"),
-                                             "--mqtt", f"127.0.0.1:{port}", "--impl", "paho"],
-                                 LOAD_CPU)
-            procs.append(be)
-            if be.expect("READY", 10) is None:
-                raise RuntimeError(f"backend not ready: {be.stderr_tail()}")
-            ws_port = runlib.free_port()
+            procs.append(h.start_backend(self.kids, "backend", python, port, LOAD_CPU, "paho",
+                                         timeout=10))
+            ws_port = h.free_port()
             bdir = os.path.join(self.tmp, "steady")
             gw = self.gateway("gw-steady", python, ws_port, port, bdir)
             procs.append(gw)
-            if not runlib.wait_port(ws_port, 20):
+            if not h.wait_port(ws_port, 20):
                 raise RuntimeError(f"gateway did not listen: {gw.stderr_tail()}")
-            url = f"ws://127.0.0.1:{ws_port}/ocpp/"
-            pr = subprocess.run(["taskset", "-c", str(LOAD_CPU), python,
-                                 os.path.join(BENCH, "loadgen.py"), "--url", url, "--mode",
-                                 "probe", "--timeout", "30"], capture_output=True, text=True)
+            pr = subprocess.run(["taskset", "-c", str(LOAD_CPU),
+                                 *h.loadgen_argv(python, ws_port, "probe",
+                                                 extra=["--timeout", "30"])],
+                                capture_output=True, text=True)
             if pr.returncode != 0:
                 raise RuntimeError(f"probe failed: {pr.stdout} {pr.stderr[-300:]}")
             lgs, first = [], 1
-            counts = runlib.split(a.steady_cps, 2)
+            counts = h.split(a.steady_cps, 2)
             for i, count in enumerate(counts):
-                lg = self.kids.start(f"loadgen-steady-{i}", [
-                    python, os.path.join(BENCH, "loadgen.py"), "--url", url, "--mode", "open",
-                    "--first", str(first), "--count", str(count), "--action", "MeterValues",
-                    "--rate", f"{a.steady_rate * count / a.steady_cps:.3f}"],
-                    LOAD_CPU, stdin=True)
+                lg = self.kids.start(f"loadgen-steady-{i}", h.loadgen_argv(
+                    python, ws_port, "open", first, count, "MeterValues",
+                    rate=a.steady_rate * count / a.steady_cps), LOAD_CPU, stdin=True)
                 procs.append(lg)
                 lgs.append(lg)
                 first += count
             for lg in lgs:
-                self.expect(lg, "READY ", 60)
-            t0 = time.time() + a.warmup
-            t1 = t0 + a.steady_duration + 1.0
-            for lg in lgs:
-                lg.send(f"go {t0:.6f} {t1:.6f}\n")
-            runlib.sleep_until(t0)
-            c0 = runlib.proc_cpu_s(gw.pid)
+                lg.expect_json("READY ", 60)
+            t0, t1 = h.go(lgs, a.warmup, a.steady_duration + 1.0)
+            h.sleep_until(t0)
+            c0 = h.proc_cpu_s(gw.pid)
             w0 = time.monotonic()
             st = subprocess.Popen(["strace", "-f", "-c", "-e", "trace=fsync,fdatasync",
                                    "-p", str(gw.pid)], stdout=subprocess.PIPE,
@@ -1002,13 +472,13 @@ class Driver:
             st.send_signal(signal.SIGINT)
             _, err = st.communicate(timeout=20)
             w1 = time.monotonic()
-            c1 = runlib.proc_cpu_s(gw.pid)
+            c1 = h.proc_cpu_s(gw.pid)
             calls = {}
             for line in err.splitlines():
                 f = line.split()
                 if f and f[-1] in ("fsync", "fdatasync") and len(f) >= 5:
                     calls[f[-1]] = int(f[3])
-            res = [self.expect(lg, "RESULT ", 60) for lg in lgs]
+            res = [lg.expect_json("RESULT ", 60) for lg in lgs]
             answered = sum(r["answered_in_window"] for r in res)
             window = sum(r["window_s"] for r in res) / len(res)
             lat = sorted(x for r in res for x in r["lat_us"])
@@ -1017,8 +487,8 @@ class Driver:
                    "strace_summary": err.strip().splitlines()[-8:],
                    "answered_per_s": answered / window,
                    "errors": sum(r["errors_in_window"] for r in res),
-                   "lat_p50_ms": runlib.percentile(lat, 50) / 1e3 if lat else None,
-                   "lat_p99_ms": runlib.percentile(lat, 99) / 1e3 if lat else None,
+                   "lat_p50_ms": h.percentile(lat, 50) / 1e3 if lat else None,
+                   "lat_p99_ms": h.percentile(lat, 99) / 1e3 if lat else None,
                    "gw_cpu_pct_under_strace": 100 * (c1 - c0) / (w1 - w0),
                    "buffer_files": {f: os.path.getsize(os.path.join(bdir, f))
                                     for f in os.listdir(bdir)},
@@ -1035,7 +505,7 @@ class Driver:
     def run(self):
         a = self.a
         for python in dict.fromkeys(a.pythons + a.ingest_pythons):
-            self.report["interpreters"][python] = runlib.py_info(python)
+            self.report["interpreters"][python] = h.py_info(python)
         self.log(f"machine: {self.report['machine']}")
         for python, info in self.report["interpreters"].items():
             self.log(f"{python}: python {info['python']}, paho {info['paho-mqtt']}, "
@@ -1072,7 +542,7 @@ def timer_lateness(log_path):
                     marks.append((t.timestamp(), float(m.group(2))))
     except OSError:
         return None
-    late = [b[0] - (a[0] + a[1]) for a, b in zip(marks, marks[1:])]
+    late = [b[0] - (a[0] + a[1]) for a, b in zip(marks, marks[1:], strict=False)]
     return {"attempts": len(marks), "max_late_s": round(max(late), 1) if late else None,
             "late_s": [round(x, 1) for x in late]}
 
@@ -1106,8 +576,8 @@ def summarize_profile(path, top=20):
     own, incl, comp, total = {}, {}, {}, 0
 
     def component(frame):
-        for key, name in (("paho/", "paho-mqtt"), ("diskbuffer.py", "DiskBuffer (+sqlite3)"),
-                          ("mqtt_uplink.py", "MqttUplink"), ("tornado/", "tornado"),
+        for key, name in (("paho/", "paho-mqtt"), ("store/diskbuffer.py", "DiskBuffer (+sqlite3)"),
+                          ("north/uplink.py", "MqttUplink"), ("tornado/", "tornado"),
                           ("asyncio/", "asyncio"), ("threading.py", "threading (paho)"),
                           ("ocpp_edge/", "ocpp_edge (other)"), ("json/", "json")):
             if key in frame:
@@ -1140,8 +610,8 @@ def render(r):
     s = r.get("storage")
     if s:
         m = s["median"]
-        out += ["| storage (median of %d) | DiskBuffer (SQLite WAL) | AppendLog | log / sqlite |"
-                % (len(s["rows"]) // 2), "|---|---:|---:|---:|"]
+        out += [f"| storage (median of {len(s['rows']) // 2}) | DiskBuffer (SQLite WAL) | "
+                "AppendLog | log / sqlite |", "|---|---:|---:|---:|"]
         for key, label, spec in (("ingest_msgs_s", "ingest msgs/s", "{:,.0f}"),
                                  ("ingest_cpu_us", "ingest CPU µs/msg", "{:.1f}"),
                                  ("drain_msgs_s", "drain msgs/s", "{:,.0f}"),
@@ -1196,36 +666,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
-    w = sub.add_parser("storage")
-    w.add_argument("--n", type=int, required=True)
-    w.add_argument("--reps", type=int, default=3)
-    w.add_argument("--dir", required=True)
-    w.add_argument("--group", type=int, default=500)
-    w.add_argument("--take", type=int, default=200)
-    w.add_argument("--drain-commit", type=int, default=2000)
-    w = sub.add_parser("prefill")
-    w.add_argument("--dir", required=True)
-    w.add_argument("--n", type=int, required=True)
-    w = sub.add_parser("floor")
-    w.add_argument("--mqtt", required=True)
-    w.add_argument("--n", type=int, required=True)
-    w.add_argument("--window", type=int, default=200)
-    w.add_argument("--timeout", type=float, default=900)
-    w = sub.add_parser("uplinkmem")
-    w.add_argument("--mqtt", required=True)
-    w.add_argument("--n", type=int, required=True)
-    w.add_argument("--window", type=int, default=200)
-    w.add_argument("--timeout", type=float, default=900)
-    w = sub.add_parser("subscriber")
-    w.add_argument("--mqtt", required=True)
-    w.add_argument("--n", type=int, required=True)
-    w = sub.add_parser("flood")
-    w.add_argument("--host", default="127.0.0.1")
-    w.add_argument("--port", type=int, required=True)
-    w.add_argument("--first", type=int, default=1)
-    w.add_argument("--count", type=int, default=100)
-    w.add_argument("--sndbuf", type=int, default=16384)
-    w.add_argument("--high", type=int, default=8192)
+    buffer_children.add_parsers(sub)
 
     venv = os.path.join(ROOT, ".venv", "bin", "python")
     bookworm = os.path.join(ROOT, ".venv-bookworm", "bin", "python")
@@ -1273,46 +714,26 @@ def main():
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
 
-    if args.cmd == "storage":
-        return storage_worker(args)
-    if args.cmd == "prefill":
-        return prefill_worker(args)
-    if args.cmd == "floor":
-        return floor_worker(args)
-    if args.cmd == "uplinkmem":
-        return uplinkmem_worker(args)
-    if args.cmd == "subscriber":
-        return subscriber_worker(args)
-    if args.cmd == "flood":
-        return flood_worker(args)
+    if args.cmd:
+        return args.run(args)
 
     args.pythons = [os.path.abspath(p) for p in args.pythons.split(",") if p]
     args.ingest_pythons = ([os.path.abspath(p) for p in args.ingest_pythons.split(",") if p]
                            if args.ingest_pythons else args.pythons)
     args.windows = [int(x) for x in args.windows.split(",") if x]
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt()
-
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
-    drv = Driver(args)
-    try:
-        drv.run()
-        return 0
-    except KeyboardInterrupt:
-        print("# interrupted; tearing down", file=sys.stderr)
-        return 130
-    finally:
-        drv.kids.stop_all()
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(drv.report, f, indent=1)
-        if args.keep_tmp:
-            print("# kept " + drv.tmp, file=sys.stderr)
-        else:
-            shutil.rmtree(drv.tmp, ignore_errors=True)
-
+    with h.workspace("ocpp-edge-bufbench-", args.keep_tmp) as (tmp, kids):
+        drv = Driver(args, tmp, kids)
+        try:
+            drv.run()
+            return 0
+        except KeyboardInterrupt:
+            print("# interrupted; tearing down", file=sys.stderr)
+            return 130
+        finally:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(drv.report, f, indent=1)
 
 if __name__ == "__main__":
     sys.exit(main() or 0)

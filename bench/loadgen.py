@@ -49,6 +49,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from harness import raise_nofile
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClosedError, websocket_connect
 
@@ -575,18 +576,6 @@ async def idle(lg):
             cp.conn.close()
     await asyncio.sleep(0.3)
     return 0
-
-
-def raise_nofile(need):
-    """Lift the soft RLIMIT_NOFILE towards the hard limit when need descriptors are wanted."""
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 async def run(args):

@@ -31,13 +31,12 @@ import sys
 
 import mqttcompat
 import websockets
+from floor import host_port
 from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as _ChargePoint
 from ocpp.v16 import call_result
 from ocpp.v16.enums import Action
-
-from floor import host_port
 
 ACTIONS = ("BootNotification", "Heartbeat", "MeterValues", "StatusNotification",
            "Authorize", "DataTransfer")
@@ -105,7 +104,8 @@ def _forwarding_handler(action):
     result_cls = getattr(call_result, action)
 
     async def handler(self, call_unique_id, **kwargs):
-        answer = await self.bridge.call(self.id, call_unique_id, action, snake_to_camel_case(kwargs))
+        answer = await self.bridge.call(self.id, call_unique_id, action,
+                                        snake_to_camel_case(kwargs))
         return result_cls(**camel_to_snake_case(answer))
 
     handler.__name__ = "on_" + action
