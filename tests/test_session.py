@@ -319,3 +319,40 @@ def test_reject_call_answers_with_the_call_id():
     (out,) = s.reject_call(effect.message, FormatViolation("cannot route"))
     assert json.loads(out.text) == [4, "9", "FormationViolation", "cannot route", {}]
     assert s.pending_from_cp == 0
+
+
+# -- Local mode (issue "Offline operation"): answer_after hands a CALL to the gateway ----
+
+def test_local_mode_hands_an_unanswered_call_to_the_gateway_at_answer_after():
+    from ocpp_edge.core.session import Unanswered
+
+    s = make(upstream_timeout=30, answer_after=10)
+    s.receive_text('[2,"a","Authorize",{"idTag":"T1"}]', 0.0)
+    assert s.next_deadline() == 10.0
+    assert s.on_timer(9.9) == []
+    effects = s.on_timer(10.0)
+    assert effects == [Unanswered("a", "Authorize")]  # no CALLERROR to the charge point
+    assert s.pending_from_cp == 0
+    assert s.counters["timeouts_upstream"] == 0
+    # the backend's late answer is no reply of this session's any more
+    assert s.send(CallResult("a", {"idTagInfo": {"status": "Accepted"}}), 11.0) == []
+    assert s.counters["orphan_replies"] == 1
+
+
+def test_settle_forgets_a_call_the_gateway_answered():
+    s = make(answer_after=10)
+    s.receive_text('[2,"a","Heartbeat",{}]', 0.0)
+    s.receive_text('[2,"b","Heartbeat",{}]', 1.0)
+    assert s.settle("a") is True
+    assert s.settle("a") is False
+    assert s.pending_from_cp == 1
+    assert s.next_deadline() == 11.0
+    assert frames(s.send(CallResult("b", {"currentTime": "2026-01-01T00:00:00Z"}), 2.0)) == [
+        [3, "b", {"currentTime": "2026-01-01T00:00:00Z"}]]
+    assert s.send(CallResult("a", {}), 2.0) == []  # settled: an orphan
+
+
+def test_without_answer_after_the_timeout_is_a_callerror():
+    s = make(upstream_timeout=30)
+    s.receive_text('[2,"a","Heartbeat",{}]', 0.0)
+    assert frames(s.on_timer(30.0))[0][:3] == [4, "a", "InternalError"]

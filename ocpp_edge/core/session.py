@@ -11,6 +11,9 @@ Effects:
 * :class:`ToBackend` — a message to publish upstream; ``action`` names the CALL a reply
   answers, when known (SPEC "Upstream": replies carry ``Action``).
 * :class:`CloseConnection` — the connection must be closed (liveness).
+* :class:`Unanswered` — a CALL from the charge point waited ``answer_after`` for the
+  backend (``ocpp.upstream_down_policy = local``): the gateway answers it itself
+  (core/local.py) instead of the CALLERROR ``upstream_timeout`` would give.
 
 Call discipline (strict mode, SPEC "Call discipline"; OCPP-J 1.6 §4.1.1, 2.0.1 Part 4
 §4.1.1 "at most one outstanding CALL"):
@@ -88,7 +91,13 @@ class CloseConnection:
     reason: str
 
 
-Effect = ToChargePoint | ToBackend | CloseConnection
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    unique_id: str
+    action: str
+
+
+Effect = ToChargePoint | ToBackend | CloseConnection | Unanswered
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +115,9 @@ class Policy:
     check_dnstream: Checker | None = None
     heartbeat_interval: float = 60.0
     heartbeat_backoff: int = 2  # 0: no heartbeat checking
+    # ocpp.upstream_down_policy = local: a CALL the backend has not answered after this
+    # many seconds is handed to the gateway (Unanswered) instead of timing out; None: off.
+    answer_after: float | None = None
 
 
 class State(enum.Enum):
@@ -255,7 +267,9 @@ class Session:
         if self.policy.upstream_strict:
             # A retransmission (same id) is republished and its deadline restarts.
             self._from_cp.pop(call.unique_id, None)
-            self._from_cp[call.unique_id] = (call.action, now + self.policy.upstream_timeout)
+            wait = self.policy.answer_after
+            self._from_cp[call.unique_id] = (
+                call.action, now + (self.policy.upstream_timeout if wait is None else wait))
         return [ToBackend(call, None, payload_text(text))]
 
     def _reply_from_cp(self, reply: CallResult | CallError, now: float) -> list[Effect]:
@@ -284,6 +298,15 @@ class Session:
                 return out + self._next_downstream(now)
         out.append(ToBackend(reply, action))
         return out + self._next_downstream(now)
+
+    def settle(self, unique_id: str) -> bool:
+        """The gateway answered the charge point's CALL ``unique_id`` itself (local mode):
+        it is no longer pending, and a backend reply to it is no reply of this session's.
+        False when it was not pending."""
+        found = self._from_cp.pop(unique_id, None) is not None
+        if not self._from_cp:
+            self._from_cp.clear()
+        return found
 
     def reject_call(self, call: Call, exc: OcppError) -> list[Effect]:
         """Answer a charge point CALL the gateway could not pass on (e.g. unroutable)."""
@@ -399,6 +422,9 @@ class Session:
             del self._from_cp[uid]
             if not self._from_cp:
                 self._from_cp.clear()
+            if self.policy.answer_after is not None:
+                out.append(Unanswered(uid, action))  # the gateway answers it (local mode)
+                continue
             self._count("timeouts_upstream")
             log.warning("cp %s: backend did not answer %s %s within %g s", self.cid, action,
                         uid, self.policy.upstream_timeout)
