@@ -16,8 +16,11 @@ from ocpp.v16 import call_result as result16
 from ocpp.v201 import ChargePoint as ChargePoint201
 from ocpp.v201 import call as call201
 
+# The buffer policy: an unanswered CALL times out with a CALLERROR (SPEC "Call
+# discipline"); what the local policy answers instead is tests/test_offline.py's.
 TIMEOUTS = ("ocpp.upstream.awaiting_timeout = 1s\n"
-            "ocpp.dnstream.awaiting_timeout = 1s\n")
+            "ocpp.dnstream.awaiting_timeout = 1s\n"
+            "ocpp.upstream_down_policy = buffer\n")
 NOW = "2026-11-22T10:00:00Z"
 
 

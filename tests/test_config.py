@@ -40,7 +40,11 @@ KEYS = [
     "mqtt.keyfile", "mqtt.verify_hostname", "mqtt.qos", "mqtt.clean_session", "mqtt.keepalive",
     "mqtt.reconnect_delay_min", "mqtt.reconnect_delay_max", "mqtt.max_inflight",
     "auth.password_file", "auth.allow_anonymous", "auth.known_ids_only",
-    "auth.max_failures", "auth.failure_window", "ocpp.upstream_down_policy", "buffer.dir",
+    "auth.max_failures", "auth.failure_window", "ocpp.upstream_down_policy",
+    "ocpp.offline.answer_after", "ocpp.offline.unknown_id", "ocpp.offline.authorization_list",
+    "ocpp.offline.transaction_ids", "ocpp.offline.hold_timeout",
+    "ocpp.offline.boot_retry_interval", "ocpp.offline.data_transfer",
+    "ocpp.offline.transaction_max_age", "buffer.dir",
     "buffer.max_messages", "buffer.max_bytes",
     "buffer.overflow", "buffer.fsync_interval", "buffer.replay_rate", "log.level",
     "admin.listen", "admin.token_file",
@@ -85,7 +89,12 @@ def test_defaults():
         dnstream_max_mqueue_len=100, dnstream_awaiting_timeout=30.0,
         dnstream_retry_interval=30.0, dnstream_max_retries=0, message_format_checking="all",
         json_schema_dir=None, json_schema_id_prefix="urn:OCPP:1.6:2019:12:",
-        upstream_down_policy="buffer", status_topic="sys/${node}/status",
+        upstream_down_policy="local", status_topic="sys/${node}/status",
+        offline=config.OfflineSettings(
+            answer_after=10.0, unknown_id="reject", authorization_list=None,
+            transaction_ids=(1_900_000_000, 2_147_483_647), hold_timeout=60.0,
+            boot_retry_interval=60.0, data_transfer="reject",
+            transaction_max_age=7 * 86400.0),
         event_topic="sys/${node}/clients/${cid}/${event}")
     assert s.mqtt == config.MqttSettings(
         host="127.0.0.1", port=1883, client_id=f"ocpp-edge-{socket.gethostname()}",
@@ -342,9 +351,9 @@ def test_line_is_where_the_key_is_written():
     ("ocpp.json_schema_id_prefix", "urn:a, b",
      "a comma makes this a list; put the value in quotes if the comma belongs to it"),
     ("ocpp.upstream_down_policy", "close",
-     "must be one of buffer, close_stations, got 'close'"),
+     "must be one of buffer, close_stations, local, got 'close'"),
     ("ocpp.upstream_down_policy", "true",
-     "must be one of buffer, close_stations, got 'true'"),
+     "must be one of buffer, close_stations, local, got 'true'"),
     ("buffer.dir", "var/lib/ocpp-edge",
      "must be an absolute path (the service does not run from the directory you are in), "
      "got 'var/lib/ocpp-edge'"),
@@ -752,7 +761,7 @@ def test_buffer_problems_are_all_listed_in_file_order():
     assert str(exc).splitlines() == [
         "x.conf:1, key 'buffer.replay_rate': must be at least 0, got '-5'",
         "x.conf:2, key 'ocpp.upstream_down_policy': must be one of buffer, close_stations, "
-        "got 'close'",
+        "local, got 'close'",
         "x.conf:3, key 'buffer.dir': must be an absolute path (the service does not run from "
         "the directory you are in), got 'buffer'",
         "x.conf:5, key 'buffer.fsync_interval': must be between 10ms and 10s, got '1ms'",

@@ -357,3 +357,21 @@ def test_status_shows_the_publish_rate_only_while_connected():
     assert upstream_line("connected", 180.4).endswith("publishing 180 msg/s")
     assert "publishing" not in upstream_line("connected", 0.01)
     assert "publishing" not in upstream_line("disconnected", 3.0)  # an old average
+
+
+def test_status_shows_local_mode_when_the_policy_is_local():
+    from ocpp_edge.ops.ctl import render_status
+
+    now = 1_800_000_000.0
+    on = render_status({"local_mode": {
+        "active": True, "reason": "upstream link down", "since": "2027-01-15T07:59:00Z",
+        "answers": 12, "answered_awaiting_backend": 12, "disagreements": 0,
+        "transactions_open": 1, "held": False}}, now)
+    line = next(x for x in on.splitlines() if x.startswith("local mode"))
+    assert "ON (upstream link down)" in line
+    assert "12 answered locally, 12 awaiting the backend, 0 overruled" in line
+    assert "1 local transaction(s)" in line
+    off = render_status({"local_mode": {"active": False, "answers": 12, "held": True}}, now)
+    line = next(x for x in off.splitlines() if x.startswith("local mode"))
+    assert line.split(None, 2)[2].startswith("off") and "held for its transaction id" in line
+    assert "local mode" not in render_status({"local_mode": None}, now)

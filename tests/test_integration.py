@@ -176,7 +176,9 @@ def test_broker_outage_mid_stream_loses_nothing_and_keeps_order(make_gateway, tm
 
     broker = Broker(tmp_path)
     broker.start()
-    gw = make_gateway(broker.port, SLOW_RETRY)
+    # The buffer policy: during the outage nothing answers the Heartbeats, so the next
+    # frame is the error (the local policy's answers: tests/test_offline.py).
+    gw = make_gateway(broker.port, SLOW_RETRY + "ocpp.upstream_down_policy = buffer\n")
     gw.wait_log("subscribed to")
     be = Backend(broker.port)
 

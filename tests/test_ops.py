@@ -157,7 +157,9 @@ def value(found: dict, name: str, **labels) -> float:
 
 
 def test_metrics_parse_and_move_with_traffic(make_gateway, broker, backend):
-    gw, admin = start(make_gateway, broker, "ocpp.upstream.awaiting_timeout = 2s\n")
+    # The buffer policy's timeout answer is what is counted here.
+    gw, admin = start(make_gateway, broker, "ocpp.upstream.awaiting_timeout = 2s\n"
+                      "ocpp.upstream_down_policy = buffer\n")
     before = samples(admin)
     assert value(before, "ocpp_edge_upstream_connected") == 1
     assert value(before, "ocpp_edge_charge_points_connected") == 0

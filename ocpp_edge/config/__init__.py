@@ -25,13 +25,14 @@ from ocpp_edge.config.settings import (
     LogSettings,
     MqttSettings,
     OcppSettings,
+    OfflineSettings,
     Settings,
 )
 
 __all__ = [
     "MIN_TOKEN_LENGTH", "SUBPROTOCOLS", "AdminSettings", "AuthSettings", "BufferSettings",
     "Listen", "ListenerSettings", "LogSettings", "MqttSettings", "OcppSettings",
-    "Settings",
+    "OfflineSettings", "Settings",
     "defaults", "is_loopback", "load", "load_text", "load_token", "parse_duration",
     "parse_size",
 ]

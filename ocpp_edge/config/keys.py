@@ -120,6 +120,33 @@ def parse_duration(text: str) -> float:
     return number * _SECONDS[(m[2] or "s").lower()]
 
 
+def check_optional_duration(value, min=None, max=None):
+    """``off`` (or ``0``) -> None; otherwise a duration."""
+    text = _scalar(value)
+    if text.lower() == "off" or (text and parse_duration(text) == 0):
+        return None
+    return check_duration(value, min, max)
+
+
+_ID_RANGE = re.compile(r"(\d+)\s*-\s*(\d+)")
+INT32_MAX = 2_147_483_647
+
+
+def check_id_range(value):
+    """``first-last`` -> (first, last): positive integers an OCPP 1.6 transactionId (a
+    JSON integer, 32-bit in most charge points and backends) can hold."""
+    text = _scalar(value)
+    m = _ID_RANGE.fullmatch(text.strip())
+    if not m:
+        raise Invalid(f"must be a range like 1900000000-2147483647, got {text!r}")
+    first, last = int(m[1]), int(m[2])
+    if not 1 <= first < last <= INT32_MAX:
+        raise Invalid(f"must run upwards within 1-{INT32_MAX}, got {text!r}")
+    if last - first < 1000:
+        raise Invalid(f"must hold at least 1000 ids, got {text!r}")
+    return first, last
+
+
 def check_duration(value, min=None, max=None):
     text = _scalar(value)
     seconds = parse_duration(text)
@@ -225,7 +252,7 @@ def check_topic_template(value, kind):
     """A topic template (``kind`` is ``upstream`` or ``dnstream``); returns the text."""
     text = _scalar(value)
     if kind in ("status", "event") and text.lower() == "off":
-        return None  # the presence topics can be turned off (see north/presence.py)
+        return None  # the presence topics can be turned off (see presence.py)
     allowed = {"upstream": UPSTREAM_PLACEHOLDERS, "dnstream": DNSTREAM_PLACEHOLDERS,
                "status": STATUS_PLACEHOLDERS, "event": EVENT_PLACEHOLDERS}[kind]
     try:
@@ -263,7 +290,7 @@ def check_tls_versions(value):
 
 def check_ciphers(value):
     """An OpenSSL cipher list for TLS 1.2 (``ECDHE-ECDSA-AES128-GCM-SHA256:...``);
-    empty -> the OCPP set (see config/tls.py)."""
+    empty -> the OCPP set (see tls.py)."""
     text = ":".join(value) if isinstance(value, list) else value
     if text and _ssl_ciphers_unknown(text):
         raise Invalid(f"OpenSSL knows none of the ciphers in {text!r}")
@@ -369,7 +396,8 @@ _CHECKS = {
     "schema_dir": check_schema_dir, "state_dir": check_state_dir,
     "optional_boolean": check_optional_boolean, "file": check_file,
     "tls_versions": check_tls_versions, "ciphers": check_ciphers,
-    "admin_listen": check_admin_listen,
+    "admin_listen": check_admin_listen, "optional_duration": check_optional_duration,
+    "id_range": check_id_range,
 }
 
 

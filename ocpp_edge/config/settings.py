@@ -53,6 +53,20 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class OfflineSettings:
+    """ocpp.offline.*: offline operation (ocpp.upstream_down_policy = local)."""
+
+    answer_after: float | None  # None: only a down link makes the gateway answer
+    unknown_id: str             # "reject" | "accept"
+    authorization_list: str | None
+    transaction_ids: tuple[int, int]
+    hold_timeout: float
+    boot_retry_interval: float
+    data_transfer: str          # "reject" | "accept"
+    transaction_max_age: float
+
+
+@dataclass(frozen=True)
 class OcppSettings:
     listeners: tuple[ListenerSettings, ...]
     path: str
@@ -83,6 +97,7 @@ class OcppSettings:
     json_schema_dir: str | None                 # None: the schemas shipped with ocpp-edge
     json_schema_id_prefix: str
     upstream_down_policy: str                   # "buffer" | "close_stations" | "local"
+    offline: OfflineSettings
     status_topic: str | None                    # gateway status (retained); None: off
     event_topic: str | None                     # charge point events; None: off
 
@@ -176,6 +191,16 @@ def build(v: Mapping[str, Any], overrides: dict[str, str],
             json_schema_dir=v["ocpp.json_schema_dir"],
             json_schema_id_prefix=v["ocpp.json_schema_id_prefix"],
             upstream_down_policy=v["ocpp.upstream_down_policy"],
+            offline=OfflineSettings(
+                answer_after=v["ocpp.offline.answer_after"],
+                unknown_id=v["ocpp.offline.unknown_id"],
+                authorization_list=v["ocpp.offline.authorization_list"],
+                transaction_ids=v["ocpp.offline.transaction_ids"],
+                hold_timeout=v["ocpp.offline.hold_timeout"],
+                boot_retry_interval=v["ocpp.offline.boot_retry_interval"],
+                data_transfer=v["ocpp.offline.data_transfer"],
+                transaction_max_age=v["ocpp.offline.transaction_max_age"],
+            ),
             status_topic=v["ocpp.upstream.status_topic"],
             event_topic=v["ocpp.upstream.event_topic"],
         ),

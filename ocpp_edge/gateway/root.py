@@ -1,4 +1,4 @@
-"""The composition root: the only module that knows every piece.
+"""The composition root: the :class:`Gateway`, the only object that knows every part.
 
 ::
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 
 from tornado.netutil import bind_sockets
 
 from ocpp_edge.config import AuthSettings, OcppSettings, Settings, tls
 from ocpp_edge.core.ocppj.errors import FormatViolation
-from ocpp_edge.core.ocppj.messages import Call, CallError, Message
+from ocpp_edge.core.ocppj.messages import Call, CallError, CallResult, Message
+from ocpp_edge.core.offline import with_local_answer
 from ocpp_edge.core.router import (
     DownstreamError,
     Router,
@@ -37,11 +38,13 @@ from ocpp_edge.core.session import (
     Session,
     ToBackend,
     ToChargePoint,
+    Unanswered,
 )
 from ocpp_edge.core.validation import Validator
-from ocpp_edge.north.uplink import MqttUplink, StatusTopic
+from ocpp_edge.gateway.local import LocalMode
+from ocpp_edge.gateway.opsview import OpsView, peer_info
+from ocpp_edge.north.uplink import MqttUplink
 from ocpp_edge.ops.operations import Operations
-from ocpp_edge.ops.view import ListenerStats, PeerInfo
 from ocpp_edge.south import credentials as _credentials
 from ocpp_edge.south.auth import Accepted, Authenticator, Refusal
 from ocpp_edge.south.listener import (
@@ -97,12 +100,20 @@ class Gateway:
         self.buffer.on_dirty = self._schedule_commit
         self._commit_handle: asyncio.TimerHandle | None = None
         self._last_commit = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Told when a charge point comes or goes or the upstream link changes (STATUS=).
+        self.on_change: Callable[[], None] = lambda: None
+        # ocpp.upstream_down_policy = local: offline operation (gateway/local.py); the
+        # uplink then reads the buffer through its gate (transaction id rewriting).
+        self.local = LocalMode(self, o.offline, b.dir) \
+            if o.upstream_down_policy == "local" else None
         self.uplink = MqttUplink(
             host=m.host, port=m.port, client_id=m.client_id, username=m.username,
             password=m.password, qos=m.qos, clean_session=m.clean_session,
             keepalive=m.keepalive, reconnect_delay_min=m.reconnect_delay_min,
             reconnect_delay_max=m.reconnect_delay_max, max_inflight=m.max_inflight,
-            buffer=self.buffer, subscriptions=[(self.router.dnstream_filter, 1)],
+            buffer=self.local.gated if self.local else self.buffer,
+            subscriptions=[(self.router.dnstream_filter, 1)],
             on_message=self.on_downstream, on_state=self._upstream_state,
             replay_rate=b.replay_rate,
             ssl_context=tls.client_context(m.cacertfile, m.certfile, m.keyfile,
@@ -134,12 +145,9 @@ class Gateway:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # its .when() is the deadline
         self._warm_handle: asyncio.Handle | None = None
         self.ports: list[int] = []  # bound ports, in listener order (port 0 → real port)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # Told when a charge point comes or goes or the upstream link changes (STATUS=).
-        self.on_change: Callable[[], None] = lambda: None
         # The admin endpoint, metrics and presence on MQTT; told as things happen. They see
-        # the gateway only through _OpsView (ops/view.py), never this object.
-        self.ops = Operations(_OpsView(self))
+        # the gateway only through OpsView (ops/view.py), never this object.
+        self.ops = Operations(OpsView(self))
 
     def _server_options(self, o: OcppSettings) -> ServerOptions:
         return ServerOptions(
@@ -162,17 +170,30 @@ class Gateway:
             check_upstream=check if checking in ("all", "upstream_only") else None,
             check_dnstream=check if checking in ("all", "dnstream_only") else None,
             heartbeat_interval=o.default_heartbeat_interval,
-            heartbeat_backoff=o.heartbeat_checking_times_backoff)
+            heartbeat_backoff=o.heartbeat_checking_times_backoff,
+            answer_after=self._answer_after(o))
+
+    @staticmethod
+    def _answer_after(o: OcppSettings) -> float | None:
+        """Local policy: how long a forwarded CALL waits for the backend before the
+        gateway answers it (the earlier of ocpp.offline.answer_after and
+        ocpp.upstream.awaiting_timeout); None: the timeout's CALLERROR, as with buffer."""
+        wait = o.offline.answer_after
+        if o.upstream_down_policy != "local" or wait is None:
+            return None
+        return min(wait, o.upstream_awaiting_timeout)
 
     def now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
+        assert self.loop is not None
+        return self.loop.time()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.ops.start()  # the admin endpoint, on this loop (before the charge points')
+        if self.local is not None:
+            self.local.start()
         path = self.settings.ocpp.path
         for listener in self.listeners:
             listen = listener.settings.listen
@@ -197,10 +218,12 @@ class Gateway:
         # Compile one schema per loop turn until all queued are ready (see core/validation.py).
         self._warm_handle = None
         if self.validator is not None and self.validator.warm_up_step():
-            self._warm_handle = self._loop.call_soon(self._warm_up)  # type: ignore[union-attr]
+            self._warm_handle = self.loop.call_soon(self._warm_up)  # type: ignore[union-attr]
 
     async def stop(self) -> None:
         self.ops.stop()
+        if self.local is not None:
+            self.local.flush()  # local answers waiting for their commit go out first
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.stop()  # no new connections
@@ -210,6 +233,8 @@ class Gateway:
         await self.uplink.stop()
         if self._commit_handle is not None:
             self._commit_handle.cancel()
+        if self.local is not None:
+            self.local.stop()
         self.buffer.close()  # the last group commit
         await asyncio.sleep(0)  # let the close frames go out
 
@@ -218,7 +243,9 @@ class Gateway:
         n, k = len(self.connections), len(self.buffer)
         return (f"{n} charge point{'' if n == 1 else 's'}, upstream "
                 f"{'connected' if self.uplink.connected else 'disconnected'}, "
-                f"{k} message{'' if k == 1 else 's'} buffered")
+                f"{k} message{'' if k == 1 else 's'} buffered"
+                + (f", local mode ({self.local.offline.reason()})"
+                   if self.local is not None and self.local.active else ""))
 
     # -- reload (SIGHUP) -------------------------------------------------------------------
 
@@ -248,6 +275,7 @@ class Gateway:
                  "json_schema_dir": "ocpp.json_schema_dir",
                  "json_schema_id_prefix": "ocpp.json_schema_id_prefix",
                  "upstream_down_policy": "ocpp.upstream_down_policy",
+                 "offline": "ocpp.offline.*",
                  # the retained status is the MQTT will, fixed when the connection opens
                  "status_topic": "ocpp.upstream.status_topic"}
         restart += [key for field, key in fixed.items()
@@ -327,13 +355,13 @@ class Gateway:
             self._end_session(conn.cid, "replaced by a new connection")
         self.connections[conn.cid] = conn
         if self.validator is not None and self.validator.warm_up(conn.version or "") \
-                and self._warm_handle is None and self._loop is not None:
-            self._warm_handle = self._loop.call_soon(self._warm_up)  # first of its version
+                and self._warm_handle is None and self.loop is not None:
+            self._warm_handle = self.loop.call_soon(self._warm_up)  # first of its version
         self.sessions[conn.cid] = Session(conn.cid, conn.version or "", self.now(), self.policy)
         self._arm(conn.cid)
         log.info("cp %s: connected from %s using %s (%s, %s)", conn.cid, conn.peer,
                  conn.version, conn.listener.settings.key, conn.auth_method)
-        self.ops.cp_connected(_peer_info(conn), self.sessions[conn.cid])
+        self.ops.cp_connected(peer_info(conn), self.sessions[conn.cid])
         self.on_change()
 
     def cp_text(self, conn: ChargePointHandler, text: str) -> None:
@@ -370,6 +398,8 @@ class Gateway:
             timer.cancel()
         if session is not None:
             self._apply(session, session.close(reason))
+        if self.local is not None:
+            self.local.cp_gone(cid)
         self.ops.cp_gone(cid, session, reason, conn.close_code if conn is not None else None)
         self.on_change()
 
@@ -379,12 +409,18 @@ class Gateway:
         close_code: int | None = None
         for effect in effects:
             if isinstance(effect, ToChargePoint):
+                if self.local is not None and self.local.waiting(cid):
+                    self.local.queue(session, effect.text)  # behind its local answers
+                    continue
                 conn = self.connections.get(cid)
                 if conn is not None and self.sessions.get(cid) is session:
                     if conn.send_text(effect.text):
                         self.ops.to_cp(cid, effect.text)
             elif isinstance(effect, ToBackend):
                 try:
+                    if (self.local is not None and isinstance(effect.message, Call)
+                            and self.local.call_from_cp(session, effect)):
+                        continue  # answered locally (and stored)
                     self._publish(cid, session.version, effect.message, effect.action,
                                   effect.payload_text)
                 except TopicError as exc:
@@ -401,6 +437,10 @@ class Gateway:
                     self.connections.pop(cid, None)
                     self.sessions.pop(cid, None)
                     closed, close_code = effect.reason, conn.close_code
+                    if self.local is not None:
+                        self.local.cp_gone(cid)
+            elif isinstance(effect, Unanswered) and self.local is not None:
+                self.local.unanswered(session, effect)
         if closed is not None:  # after the CALLERRORs that close() produced, as in _end_session
             self.ops.cp_gone(cid, session, closed, close_code)
             self.on_change()
@@ -415,8 +455,8 @@ class Gateway:
             return
         if armed is not None:
             armed.cancel()
-        assert self._loop is not None
-        self._timers[cid] = self._loop.call_at(deadline, self._fire, cid, session)
+        assert self.loop is not None
+        self._timers[cid] = self.loop.call_at(deadline, self._fire, cid, session)
 
     def _fire(self, cid: str, session: Session) -> None:
         self._timers.pop(cid, None)
@@ -425,34 +465,53 @@ class Gateway:
         self._apply(session, session.on_timer(self.now()))
 
     def _publish(self, cid: str, proto: str, msg: Message, action: str | None,
-                 payload_text: str | None = None) -> None:
+                 payload_text: str | None = None, told: Mapping | None = None) -> bool:
+        """Append an upstream message to the buffer (False: the full buffer dropped it);
+        ``told``: what the charge point was answered locally, added as ``LocalAnswer``."""
         topic = self.router.upstream_topic(cid, proto, msg, action)
-        payload = upstream_text(msg, action, payload_text).encode()
+        text = upstream_text(msg, action, payload_text)
+        if told is not None:
+            text = with_local_answer(text, told)
         important = isinstance(msg, Call) and msg.action in TRANSACTION_ACTIONS
-        accepted = self.buffer.append(topic, payload, important) is not None
+        accepted = self.buffer.append(topic, text.encode(), important) is not None
         self.ops.upstream(cid, msg, action, accepted)
         if accepted:
             self.uplink.kick()
         # A charge point flooding frames keeps Tornado's read loop from returning to the
         # event loop, so the commit timer alone could starve: the fsync window is also
         # enforced here, on the path that fills the buffer.
-        if self._loop is not None and self._loop.time() - self._last_commit >= \
+        if self.loop is not None and self.loop.time() - self._last_commit >= \
                 self.settings.buffer.fsync_interval:
             self._commit()
+        return accepted
+
+    publish = _publish  # for the local mode (gateway/local.py)
+
+    def send_to_cp(self, session: Session, text: str) -> None:
+        """A frame for ``session``'s charge point, if that session is still its own."""
+        conn = self.connections.get(session.cid)
+        if conn is not None and self.sessions.get(session.cid) is session:
+            if conn.send_text(text):
+                self.ops.to_cp(session.cid, text)
+
+    def commit_buffer(self) -> bool:
+        """The group commit, now (the local mode answers only what is on disk)."""
+        self._commit()
+        return not self.buffer.dirty
 
     # -- the buffer's group commit and the upstream link's state ---------------------------
 
     def _schedule_commit(self, delay: float | None = None) -> None:
-        if self._commit_handle is None and self._loop is not None:
-            self._commit_handle = self._loop.call_later(
+        if self._commit_handle is None and self.loop is not None:
+            self._commit_handle = self.loop.call_later(
                 self.settings.buffer.fsync_interval if delay is None else delay, self._commit)
 
     def _commit(self) -> None:
         if self._commit_handle is not None:
             self._commit_handle.cancel()
             self._commit_handle = None
-        if self._loop is not None:
-            self._last_commit = self._loop.time()
+        if self.loop is not None:
+            self._last_commit = self.loop.time()
         if not self.buffer.commit():
             self._schedule_commit(max(1.0, self.settings.buffer.fsync_interval))  # disk full
         elif self.buffer.dirty:
@@ -460,6 +519,8 @@ class Gateway:
 
     def _upstream_state(self, up: bool) -> None:
         self.ops.upstream_state(up)
+        if self.local is not None:
+            self.local.link(up)
         self.on_change()
         if not self.close_stations:
             return
@@ -496,6 +557,13 @@ class Gateway:
                 self._answer_backend(cid, proto, exc.unique_id, exc.action,
                                      FormatViolation(str(exc)).code_for(proto), str(exc))
             return
+        if self.local is not None:
+            self.local.heard()
+            if isinstance(msg, CallResult | CallError):
+                if not self.local.reply(cid, proto, msg):
+                    return  # it answers a CALL the charge point was answered locally
+            else:
+                msg = self.local.call_to_cp(cid, proto, msg)
         if session is None:
             if isinstance(msg, Call):
                 # SPEC "Downstream": every downstream CALL gets an answer.
@@ -514,69 +582,3 @@ class Gateway:
             self._publish(cid, proto, CallError(unique_id, code, description, {}), action)
         except TopicError as exc:
             log.warning("cp %s: cannot answer the backend: %s", cid, exc)
-
-
-# -- what operations see of the gateway (ops/view.py) ---------------------------------------
-
-
-class _OpsView:
-    """The :class:`~ocpp_edge.ops.view.GatewayView` handed to ``Operations``: read-only
-    figures and three named commands; the ``Gateway`` itself never reaches ``ops``."""
-
-    __slots__ = ("_gw",)
-
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
-
-    @property
-    def settings(self) -> Settings:
-        return self._gw.settings
-
-    @property
-    def charge_points(self) -> int:
-        return len(self._gw.connections)
-
-    @property
-    def buffer(self) -> DiskBuffer:
-        return self._gw.buffer
-
-    @property
-    def uplink(self) -> MqttUplink:
-        return self._gw.uplink
-
-    def sessions(self) -> Iterable[Session]:
-        return self._gw.sessions.values()
-
-    def listeners(self) -> list[ListenerStats]:
-        return [ListenerStats(key=ls.settings.key, url=ls.url, connections=ls.upgraded,
-                              listening=ls.server is not None, refused=ls.refused)
-                for ls in self._gw.listeners]
-
-    def kick(self, cid: str, reason: str) -> bool:
-        return self._gw.kick(cid, reason)
-
-    def publish_event(self, topic: str, payload: bytes) -> bool:
-        gw = self._gw
-        if gw.buffer.append(topic, payload) is None:
-            return False
-        gw.uplink.kick()
-        return True
-
-    def set_status_topic(self, status: StatusTopic) -> None:
-        self._gw.uplink.status = status
-
-
-def _peer_info(conn: ChargePointHandler) -> PeerInfo:
-    return PeerInfo(
-        cid=conn.cid, authorization=conn.authorization, ip=conn.peer,
-        peer_port=_peer_port(conn), sock_port=conn.listener.port,
-        subprotocol=conn.version or "", listener=conn.listener.settings.key,
-        auth=conn.auth_method or "anonymous", connected_at=conn.connected_at)
-
-
-def _peer_port(conn: ChargePointHandler) -> int | None:
-    # Tornado's HTTP1ServerConnection context keeps the (ip, port, ...) it accepted.
-    address = getattr(getattr(conn.request.connection, "context", None), "address", None)
-    if isinstance(address, tuple) and len(address) >= 2 and isinstance(address[1], int):
-        return address[1]
-    return None

@@ -86,12 +86,17 @@ def encode(obj: Mapping) -> bytes:
 
 
 def status_payload(status: str, *, node: str, version: str, started_at: str,
-                   now: float | None, reason: str | None = None) -> bytes:
-    """The retained status. ``now`` None: a will, whose time is not known in advance."""
+                   now: float | None, reason: str | None = None,
+                   local_mode: bool | None = None) -> bytes:
+    """The retained status. ``now`` None: a will, whose time is not known in advance.
+    ``local_mode`` (ocpp.upstream_down_policy = local): whether the gateway answers the
+    charge points itself because the backend is silent; republished when it changes."""
     obj: dict = {"status": status, "node": node, "version": version,
                  "started_at": started_at}
     if reason is not None:
         obj["reason"] = reason
+    if local_mode is not None:
+        obj["local_mode"] = local_mode
     if now is not None:
         obj["ts"] = millis(now)
     return encode(obj)

@@ -161,6 +161,12 @@ class MqttUplink:
         for topic_filter, qos in subscriptions:
             client.subscribe(topic_filter, qos)
 
+    def republish_status(self) -> None:
+        """The retained status changed while connected (e.g. local mode): publish it."""
+        if self.connected and self.status is not None and self._client is not None:
+            self._client.publish(self.status.topic, self.status.online(), self.qos,
+                                 retain=True)
+
     def kick(self) -> None:
         """The buffer grew: publish soon (once per loop iteration, however many appends)."""
         if self.connected and not self._pump_scheduled:

@@ -24,7 +24,9 @@ The fields shown (missing ones print as ``-``):
   ``config.loaded_at``, ``upstream.state`` / ``.server`` / ``.since`` / ``.reconnects`` /
   ``.replay_rate``, ``charge_points.connected``, ``buffer.messages`` / ``.bytes`` /
   ``.oldest_age_seconds`` / ``.dropped`` / ``.max_messages`` / ``.max_bytes``,
-  ``listeners[].name`` / ``.url`` / ``.connections``.
+  ``listeners[].name`` / ``.url`` / ``.connections``, and with the local policy
+  ``local_mode.active`` / ``.reason`` / ``.since`` / ``.answers`` /
+  ``.answered_awaiting_backend`` / ``.disagreements`` / ``.transactions_open`` / ``.held``.
 * client: ``clientid``, ``username``, ``protocol``, ``listener``, ``ip_address``, ``port``,
   ``connected_at``, ``last_message_at``, ``messages_in``, ``messages_out``,
   ``pending_upstream``, ``pending_dnstream``, ``queue_len``.
@@ -175,10 +177,30 @@ def render_status(st: dict, now: float) -> str:
         ("charge points", f"{_show(cps.get('connected'))} connected"),
         ("buffer", buffer),
     ]
+    local = st.get("local_mode")
+    if isinstance(local, dict):
+        rows.append(("local mode", render_local_mode(local, now)))
     for lst in st.get("listeners") or []:
         rows.append(("listener", f"{_show(lst.get('name'))} {_show(lst.get('url'))}, "
                                  f"{_show(lst.get('connections'))} connected"))
     return _pairs(rows)
+
+
+def render_local_mode(local: dict, now: float) -> str:
+    """``local mode`` row: on (why, since when) or off, and what it did."""
+    if local.get("active"):
+        text = f"ON ({_show(local.get('reason'))})"
+    else:
+        text = "off"
+    if local.get("since"):
+        text += f" for {_since(local['since'], now)}"
+    text += (f"; {_show(local.get('answers'))} answered locally, "
+             f"{_show(local.get('answered_awaiting_backend'))} awaiting the backend, "
+             f"{_show(local.get('disagreements'))} overruled, "
+             f"{_show(local.get('transactions_open'))} local transaction(s)")
+    if local.get("held"):
+        text += ", a message held for its transaction id"
+    return text
 
 
 CLIENT_COLUMNS = ("ID", "PROTOCOL", "ADDRESS", "CONNECTED", "LAST MSG", "IN", "OUT",

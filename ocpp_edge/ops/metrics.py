@@ -28,6 +28,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 log = logging.getLogger("ocpp_edge.metrics")
 
@@ -405,6 +406,32 @@ class GatewayMetrics:
         r.gauge_func("ocpp_edge_upstream_replay_rate",
                      "Messages per second published to the broker lately, backlog replay "
                      "included.", replay_rate)
+
+    def bind_local_mode(self, stats: Callable[[], Any]) -> None:
+        """Offline operation's figures (ocpp.upstream_down_policy = local), read from
+        ``stats()`` (an ``ops.view.LocalModeStats``) at scrape time."""
+        r = self.registry
+        r.gauge_func("ocpp_edge_local_mode",
+                     "1 while the gateway answers charge points itself (backend away).",
+                     lambda: int(stats().active))
+        for name, field, help_ in (
+                ("ocpp_edge_local_answers_total", "answers",
+                 "Charge point CALLs the gateway answered itself."),
+                ("ocpp_edge_local_reconciled_total", "reconciled",
+                 "Backend answers to locally answered CALLs, matched after the replay."),
+                ("ocpp_edge_local_disagreements_total", "disagreements",
+                 "Reconciled backend answers that overruled the local answer."),
+                ("ocpp_edge_local_transactions_mapped_total", "mapped",
+                 "Local 1.6 transaction ids mapped to the backend's."),
+                ("ocpp_edge_local_held_released_total", "held_released",
+                 "Messages published with a local transaction id after "
+                 "ocpp.offline.hold_timeout.")):
+            r.counter_func(name, help_, lambda f=field: getattr(stats(), f))
+        r.gauge_func("ocpp_edge_local_transactions_open",
+                     "Local 1.6 transaction ids in use.", lambda: stats().transactions_open)
+        r.gauge_func("ocpp_edge_local_answered_pending",
+                     "Locally answered CALLs whose backend answer is still awaited.",
+                     lambda: stats().answered_pending)
 
     # -- connections -----------------------------------------------------------------------
 

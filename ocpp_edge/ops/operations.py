@@ -51,7 +51,7 @@ from ocpp_edge.north import presence
 from ocpp_edge.north.uplink import StatusTopic
 from ocpp_edge.ops.admin import rfc3339, start_admin_server
 from ocpp_edge.ops.metrics import DNSTREAM, UPSTREAM, GatewayMetrics, RateMeter
-from ocpp_edge.ops.view import GatewayView, PeerInfo, SessionStats
+from ocpp_edge.ops.view import GatewayView, LocalModeStats, PeerInfo, SessionStats
 
 log = logging.getLogger("ocpp_edge.ops")
 
@@ -182,13 +182,17 @@ class Operations:
             buffer_dropped=lambda: buffer.dropped,
             upstream_connected=lambda: uplink.connected,
             published=lambda: uplink.published, replay_rate=self._rate.rate)
+        if view.local_mode() is not None:
+            self.metrics.bind_local_mode(view.local_mode)
         status = self._render(view.settings.ocpp.status_topic, {"node": self.node})
         if status is not None:
             started = rfc3339(self.started_at) or ""
 
             def payload(state: str, reason: str | None, now: float | None) -> bytes:
+                local = view.local_mode() if state == presence.ONLINE else None
                 return presence.status_payload(state, node=self.node, version=__version__,
-                                               started_at=started, now=now, reason=reason)
+                                               started_at=started, now=now, reason=reason,
+                                               local_mode=local.active if local else None)
 
             view.set_status_topic(StatusTopic(
                 topic=status,
@@ -349,6 +353,14 @@ class Operations:
         if self.view.publish_event(topic, payload(time.time())):
             self._backlog.appended(len(self._buffer), time.monotonic())
 
+    def local_event(self, cid: str, event: str, fields: dict[str, Any]) -> None:
+        """An offline-operation event for the backend (e.g. ``local_answer_overruled``),
+        on ``ocpp.upstream.event_topic`` like the presence events."""
+        def payload(now: float) -> bytes:
+            return presence.encode({"clientid": cid, "node": self.node, "event": event,
+                                    "ts": presence.millis(now), **fields})
+        self._event(cid, event, payload)
+
     # -- AdminView -------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -379,6 +391,7 @@ class Operations:
                 "max_bytes": buffer.max_bytes, "dir": str(buffer.dir)},
             "listeners": [{"name": ls.key, "url": ls.url, "connections": ls.connections}
                           for ls in view.listeners()],
+            "local_mode": _local_mode(view.local_mode()),
         }
 
     def clients(self) -> list[dict[str, Any]]:
@@ -443,6 +456,19 @@ class Operations:
         if total > before:
             count(total - before)
             self._passed[key] = total
+
+
+def _local_mode(stats: LocalModeStats | None) -> dict[str, Any] | None:
+    """``ctl status``'s ``local_mode``: None unless ocpp.upstream_down_policy = local."""
+    if stats is None:
+        return None
+    return {"active": stats.active, "reason": stats.reason, "since": rfc3339(stats.since),
+            "answers": stats.answers, "reconciled": stats.reconciled,
+            "disagreements": stats.disagreements, "transactions_mapped": stats.mapped,
+            "transactions_open": stats.transactions_open,
+            "answered_awaiting_backend": stats.answered_pending,
+            "held": stats.holding, "held_released": stats.held_released,
+            "authorizations_cached": stats.authorizations_cached}
 
 
 def _round(value: float | None) -> float | None:

@@ -47,6 +47,24 @@ class ListenerStats:
     refused: Mapping[str, int]  # totals of connections refused at accept, by reason
 
 
+@dataclass(frozen=True, slots=True)
+class LocalModeStats:
+    """Offline operation (ocpp.upstream_down_policy = local), read when somebody asks."""
+
+    active: bool  # the gateway answers charge points itself now
+    reason: str | None  # "upstream link down" | "backend silent" | None
+    since: float  # epoch seconds of the last change of ``active``
+    answers: int  # CALLs answered locally
+    reconciled: int  # backend answers to locally answered CALLs, matched after replay
+    disagreements: int  # ... of which decided otherwise than the local answer
+    mapped: int  # local 1.6 transaction ids mapped to the backend's
+    held_released: int  # messages published with a local id after ocpp.offline.hold_timeout
+    holding: bool  # a message waits for the backend's transaction id now
+    transactions_open: int  # local transaction ids still in use
+    answered_pending: int  # locally answered CALLs whose backend answer is awaited
+    authorizations_cached: int
+
+
 class SessionStats(Protocol):
     """What ops reads of one charge point's session (``core.session.Session``)."""
 
@@ -99,6 +117,7 @@ class GatewayView(Protocol):
     def uplink(self) -> UplinkStats: ...  # the same object for the gateway's life
     def sessions(self) -> Iterable[SessionStats]: ...  # of the connected charge points
     def listeners(self) -> list[ListenerStats]: ...  # in configuration order
+    def local_mode(self) -> LocalModeStats | None: ...  # None: the policy is not local
 
     # -- commands --------------------------------------------------------------------------
 
