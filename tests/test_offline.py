@@ -354,7 +354,7 @@ def test_kill_9_mid_outage_and_mid_replay_changes_nothing(make_gateway, tmp_path
                                    "Payload": {"idTagInfo": {"status": "Accepted"},
                                                "transactionId": 9001}})
         wait_until(lambda: any(b["Action"] == "StopTransaction" for b in be.received()),
-                   timeout=20, what="the StopTransaction replayed")
+                   timeout=40, what="the StopTransaction replayed")
         time.sleep(1)
     finally:
         be.close()
@@ -545,3 +545,109 @@ def test_charging_session_during_a_broker_outage_201(make_gateway, tmp_path):
     assert all("LocalAnswer" in b for b in got)
     assert got[0]["LocalAnswer"]["status"] == "Accepted"
     assert got[2]["LocalAnswer"]["idTokenInfo"]["status"] == "Unknown"
+
+
+# -- what a review found: ids a charge point reuses, ids SQLite cannot store ---------------
+
+async def rpc(ws, uid: str, action: str, payload: dict) -> list:
+    await ws.send(json.dumps([2, uid, action, payload]))
+    return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+
+START16 = {"connectorId": 1, "idTag": "T", "meterStart": 0,
+           "timestamp": "2026-12-01T10:00:00Z"}
+
+
+def mv16(tid: int) -> dict:
+    return {"connectorId": 1, "transactionId": tid, "meterValue": [
+        {"timestamp": "2026-12-01T10:05:00Z", "sampledValue": [{"value": "1"}]}]}
+
+
+def test_a_charge_point_that_restarts_its_ids_during_the_outage(make_gateway, tmp_path):
+    broker = Broker(tmp_path)
+    gw = make_gateway(broker.port, SLOW_RETRY + "ocpp.offline.hold_timeout = 20s\n")
+    ids: dict = {}
+
+    async def outage():
+        ws = await websockets.connect(f"{gw.url}/CPR", subprotocols=["ocpp1.6"])
+        ids["local"] = (await rpc(ws, "1", "StartTransaction", START16))[2]["transactionId"]
+        await rpc(ws, "2", "MeterValues", mv16(ids["local"]))
+        await ws.close()
+        ws = await websockets.connect(f"{gw.url}/CPR", subprotocols=["ocpp1.6"])  # reboot
+        boot = await rpc(ws, "1", "BootNotification",
+                         {"chargePointVendor": "V", "chargePointModel": "M"})
+        assert boot[2]["status"] == "Pending"  # never accepted by the backend
+        await rpc(ws, "3", "MeterValues", mv16(ids["local"]))
+        await rpc(ws, "4", "StopTransaction", {"transactionId": ids["local"], "meterStop": 9,
+                                               "timestamp": "2026-12-01T11:00:00Z"})
+        await ws.close()
+
+    asyncio.run(outage())
+    broker.start()
+    be = AnsweringBackend(broker.port, csms16({}))
+    try:
+        t0 = time.monotonic()
+        be.next_call("StopTransaction", timeout=30)
+        took = time.monotonic() - t0
+        time.sleep(0.5)
+    finally:
+        be.close()
+        broker.stop()
+    got = be.received()
+    assert [(b["Action"], b["UniqueId"]) for b in got] == [
+        ("StartTransaction", "1"), ("MeterValues", "2"), ("BootNotification", "1~2"),
+        ("MeterValues", "3"), ("StopTransaction", "4")]
+    assert [b["Payload"]["transactionId"] for b in got if "transactionId" in b["Payload"]
+            and b["Action"] != "StartTransaction"] == [4711, 4711, 4711]
+    assert took < 10  # no hold ran out
+    text = gw.log_text()
+    assert "published as 1~2" in text
+    assert "matches no pending CALL" not in text
+
+
+def test_a_lone_surrogate_in_an_id_tag_breaks_nothing(make_gateway, tmp_path):
+    gw = make_gateway(Broker(tmp_path).port, SLOW_RETRY)  # the broker never comes
+
+    async def run():
+        a = await websockets.connect(f"{gw.url}/CPA", subprotocols=["ocpp1.6"])
+        b = await websockets.connect(f"{gw.url}/CPB", subprotocols=["ocpp1.6"])
+        assert (await rpc(b, "h0", "Heartbeat", {}))[0] == 3
+        await a.send('[2,"1","Authorize",{"idTag":"\\ud800x"}]')
+        answer = json.loads(await asyncio.wait_for(a.recv(), 5))
+        assert answer[:2] == [3, "1"] and answer[2]["idTagInfo"]["status"] == "Invalid"
+        assert (await rpc(b, "h1", "Heartbeat", {}))[0] == 3  # still served
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+    assert gw.stop() == 0  # and the store closes cleanly
+
+
+def test_an_id_reused_after_an_unanswered_replay_gets_the_live_answer(make_gateway, tmp_path):
+    broker = Broker(tmp_path)
+    gw = make_gateway(broker.port, SLOW_RETRY)
+
+    async def outage():
+        ws = await websockets.connect(f"{gw.url}/CPU", subprotocols=["ocpp1.6"])
+        await rpc(ws, "7", "Heartbeat", {})
+        await ws.close()
+
+    asyncio.run(outage())
+    broker.start()
+    # This backend never answers Heartbeats: the replayed one stays unanswered.
+    be = AnsweringBackend(broker.port, lambda action, p: None if action == "Heartbeat"
+                          else csms16({})(action, p))
+    try:
+        be.next_call("Heartbeat", timeout=20)
+
+        async def online():
+            ws = await websockets.connect(f"{gw.url}/CPU", subprotocols=["ocpp1.6"])
+            answer = await rpc(ws, "7", "Authorize", {"idTag": "TAG-OK"})
+            await ws.close()
+            return answer
+
+        assert asyncio.run(online()) == [3, "7", {"idTagInfo": {"status": "Accepted"}}]
+    finally:
+        be.close()
+        broker.stop()
+    assert "UniqueId 7 used again" in gw.log_text()

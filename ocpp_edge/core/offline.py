@@ -47,6 +47,8 @@ from ocpp_edge.core.ocppj.messages import Call, CallError, CallResult
 log = logging.getLogger("ocpp_edge.offline")
 
 HOLD = None  # upstream_payload's answer for a message that must wait for a mapping
+MAX_TRACKED = 16  # CALLs in flight remembered per charge point (the spec allows one)
+STOP_GRACE = 3600.0  # s a mapping outlives its StopTransaction's answer (republishes)
 
 # 1.6 messages that carry a transactionId the backend must see as its own.
 _REWRITTEN_UP = (b'"MeterValues"', b'"StopTransaction"')
@@ -64,6 +66,7 @@ class Memory(Knowledge, Protocol):
     def remember_answered(self, cid: str, unique_id: str, action: str, request: dict,
                           answer: dict, now: float) -> None: ...
     def take_answered(self, cid: str, unique_id: str) -> tuple[str, dict, dict] | None: ...
+    def has_answered(self, cid: str, unique_id: str) -> bool: ...
     @property
     def transactions_open(self) -> int: ...
 
@@ -88,7 +91,11 @@ class Offline:
         self.silent = False  # a CALL waited answer_after with the link up
         # charge point -> UniqueId -> (action, payload) of its CALLs awaiting the backend
         self._in_flight: dict[str, dict[str, tuple[str, dict]]] = {}
-        self.counts = {"answers": 0, "reconciled": 0, "disagreements": 0, "mapped": 0}
+        self.counts = {"answers": 0, "reconciled": 0, "disagreements": 0, "mapped": 0,
+                       "given_up": 0}
+        # local id -> (charge point, when its StopTransaction was answered): the mapping
+        # is kept STOP_GRACE longer, for a StopTransaction published twice
+        self.ending: dict[int, tuple[str, float]] = {}
 
     # -- away or not ---------------------------------------------------------------------
 
@@ -122,8 +129,13 @@ class Offline:
     # -- CALLs from charge points --------------------------------------------------------
 
     def track(self, cid: str, call: Call) -> None:
-        """``call`` was forwarded: hold its payload until the backend answers it."""
-        self._in_flight.setdefault(cid, {})[call.unique_id] = (call.action, call.payload)
+        """``call`` was forwarded: hold its payload until the backend answers it (at most
+        MAX_TRACKED per charge point: one that is never answered cannot grow this)."""
+        calls = self._in_flight.setdefault(cid, {})
+        calls.pop(call.unique_id, None)
+        calls[call.unique_id] = (call.action, call.payload)
+        if len(calls) > MAX_TRACKED:
+            del calls[next(iter(calls))]
 
     def untrack(self, cid: str, unique_id: str) -> tuple[str, dict] | None:
         calls = self._in_flight.get(cid)
@@ -148,16 +160,54 @@ class Offline:
         return local.local_answer(version, call.action, call.payload, cid, self.memory,
                                   now, self.options)
 
+    def upstream_unique_id(self, cid: str, unique_id: str) -> str:
+        """The UniqueId a CALL answered locally is published with: its own, unless a CALL
+        of ``cid`` with that id already awaits the backend's answer (a charge point that
+        rebooted during the outage starts its ids again): then ``<id>~<n>``, so that each
+        backend answer finds its own CALL."""
+        found, n = unique_id, 1
+        while self.memory.has_answered(cid, found):
+            n += 1
+            found = f"{unique_id}~{n}"
+        return found
+
     def answered(self, cid: str, version: str, call: Call, answer: LocalAnswer,
-                 now: float) -> dict:
-        """``call`` was answered locally with ``answer`` and stored: remember it, so the
-        backend's reply to its replay is reconciled."""
+                 now: float, upstream_id: str | None = None) -> dict:
+        """``call`` was answered locally with ``answer`` and stored (published with
+        ``upstream_id``, default its own id): remember it, so the backend's reply to its
+        replay is reconciled."""
         self.untrack(cid, call.unique_id)
         self.counts["answers"] += 1
         told = answer_record(answer, version)
-        self.memory.remember_answered(cid, call.unique_id, call.action, call.payload,
-                                      {**told, "version": version}, now)
+        self.memory.remember_answered(cid, upstream_id or call.unique_id, call.action,
+                                      call.payload, {**told, "version": version}, now)
         return told
+
+    def give_up(self, local_id: int) -> str | None:
+        """No backend id will come for ``local_id`` (the backend refused or never answered
+        its StartTransaction): its messages go out with the local id from now on, none is
+        held for it again. The charge point, or None if the id is not one of ours."""
+        known = self.memory.transaction(local_id)
+        if known is None or known[1] is not None:
+            return None
+        self.memory.map_transaction(known[0], local_id, local_id)
+        self.counts["given_up"] += 1
+        return known[0]
+
+    def give_up_payload(self, payload: bytes) -> tuple[str, int] | None:
+        """:meth:`give_up` for the local id of an upstream message that was held too long;
+        (charge point, local id), or None."""
+        body = _upstream_body(payload)
+        tid = None if body is None else local.upstream_transaction_id("ocpp1.6", *body[:2])
+        cid = None if tid is None else self.give_up(tid)
+        return None if cid is None else (cid, tid)  # type: ignore[return-value]
+
+    def expire_ended(self, now: float) -> list[tuple[str, int]]:
+        """Mappings whose StopTransaction was answered STOP_GRACE ago: to be ended."""
+        done = [(cid, tid) for tid, (cid, at) in self.ending.items() if now - at >= STOP_GRACE]
+        for _, tid in done:
+            del self.ending[tid]
+        return done
 
     # -- replies from the backend --------------------------------------------------------
 
@@ -177,6 +227,13 @@ class Offline:
             elif isinstance(reply, CallResult):
                 differs = f"answered locally with {told.get('error', 'an error')}, " \
                           "the backend accepted the request"
+            elif "payload" in told:  # a CALLERROR for a CALL the charge point was answered
+                differs = f"the backend answered with {reply.error_code}: " \
+                          f"{reply.error_description}"
+            said = told.get("payload")
+            if action == "StartTransaction" and mapped is None and isinstance(said, dict) \
+                    and type(said.get("transactionId")) is int:
+                self.give_up(said["transactionId"])  # no backend id will come for it
             if differs is not None:
                 self.counts["disagreements"] += 1
             return Reconciled(False, action, differs, mapped)
@@ -212,7 +269,9 @@ class Offline:
         elif action == "StopTransaction":
             tid = local.upstream_transaction_id(version, action, request)
             if tid is not None and m.transaction(tid) is not None:
-                m.end_transaction(cid, tid)  # the transaction is over at the backend too
+                # The transaction is over at the backend too: the mapping ends, after a
+                # grace period for a copy of the StopTransaction published again.
+                self.ending[tid] = (cid, now)
         return None
 
     # -- rewriting transaction ids -------------------------------------------------------
@@ -224,15 +283,10 @@ class Offline:
         if not self.memory.transactions_open or b'"transactionId"' not in payload \
                 or not any(a in payload for a in _REWRITTEN_UP):
             return payload
-        try:
-            envelope = parse_json(payload)
-        except ValueError:
+        found = _upstream_body(payload)
+        if found is None:
             return payload
-        if not isinstance(envelope, dict) or envelope.get("MessageTypeId") != 2:
-            return payload
-        action, body = envelope.get("Action"), envelope.get("Payload")
-        if not isinstance(action, str) or not isinstance(body, dict):
-            return payload
+        action, body, envelope = found
         tid = local.upstream_transaction_id("ocpp1.6", action, body)
         known = None if tid is None else self.memory.transaction(tid)
         if known is None:
@@ -240,6 +294,8 @@ class Offline:
         backend_id = known[1]
         if backend_id is None:
             return HOLD
+        if backend_id == tid:
+            return payload  # given up: the local id stays
         envelope["Payload"] = local.with_transaction_id(action, body, backend_id)
         return dump_json(envelope).encode()
 
@@ -256,6 +312,20 @@ class Offline:
             return call
         return Call(call.unique_id, call.action,
                     local.with_transaction_id(call.action, call.payload, local_id))
+
+
+def _upstream_body(payload: bytes) -> tuple[str, dict, dict] | None:
+    """(Action, Payload, the whole message) of an upstream CALL message, or None."""
+    try:
+        envelope = parse_json(payload)
+    except ValueError:
+        return None
+    if not isinstance(envelope, dict) or envelope.get("MessageTypeId") != 2:
+        return None
+    action, body = envelope.get("Action"), envelope.get("Payload")
+    if not isinstance(action, str) or not isinstance(body, dict):
+        return None
+    return action, body, envelope
 
 
 def answer_record(answer: LocalAnswer, version: str) -> dict:

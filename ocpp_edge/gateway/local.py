@@ -67,7 +67,9 @@ class LocalMode:
             unknown_id=settings.unknown_id, pending_interval=int(settings.boot_retry_interval),
             data_transfer=settings.data_transfer))
         self.gated = GatedBuffer(gateway.buffer, self.offline.upstream_payload,
-                                 settings.hold_timeout, self._clock, self._arm_hold)
+                                 settings.hold_timeout, self._clock, self._arm_hold,
+                                 self._hold_ran_out)
+        self.last_heard = float("-inf")  # loop time of the last message from the backend
         self.since = time.time()  # of the current state (local mode or not)
         self._answers: list[tuple[Session, str]] = []  # frames waiting for the commit
         self._waiting: set[str] = set()  # charge points with frames in _answers
@@ -110,6 +112,8 @@ class LocalMode:
             log.warning("cp %s: local transaction %d is older than ocpp.offline."
                         "transaction_max_age (%g s); its id mapping is dropped", cid,
                         local_id, s.transaction_max_age)
+        for cid, local_id in self.offline.expire_ended(now):
+            self.state.end_transaction(cid, local_id)
         dropped = self.state.prune_answered(now - s.transaction_max_age)
         if dropped:
             log.warning("%d locally answered CALL(s) got no answer from the backend within "
@@ -142,6 +146,7 @@ class LocalMode:
 
     def heard(self) -> None:
         """A message from the backend arrived."""
+        self.last_heard = self._clock()
         if self.offline.backend_heard():
             self._changed()
 
@@ -152,25 +157,51 @@ class LocalMode:
         False: the gateway publishes it as usual (it is remembered until answered)."""
         call = effect.message
         assert isinstance(call, Call)
+        cid, version = session.cid, session.version
         if not self.offline.active:
-            self.offline.track(session.cid, call)
-            return False
-        cid, version, now = session.cid, session.version, time.time()
+            if self.state.has_answered(cid, call.unique_id):
+                # The charge point reuses the id of a CALL answered locally whose replay
+                # the backend has not answered (and, long after, will not): the answer to
+                # this id is this CALL's from now on.
+                self.state.take_answered(cid, call.unique_id)
+                log.info("cp %s: UniqueId %s used again; the earlier CALL answered "
+                         "locally with it is no longer awaited", cid, call.unique_id)
+            self.offline.track(cid, call)
+            if self.gw.publish(cid, version, call, None, effect.payload_text):
+                return True
+            # Not stored (buffer full, buffer.overflow = drop_newest): not forwarded, so
+            # answered now; the charge point keeps it and sends it again later.
+            self.offline.untrack(cid, call.unique_id)
+            session.settle(call.unique_id)
+            self._not_stored(session, call)
+            return True
+        now = time.time()
         answer = self.offline.answer(cid, version, call, now)
         told = answer_record(answer, version)
-        accepted = self.gw.publish(cid, version, call, None, effect.payload_text, told)
+        upstream_id = self.offline.upstream_unique_id(cid, call.unique_id)
+        published = call if upstream_id == call.unique_id else \
+            Call(upstream_id, call.action, call.payload)
+        accepted = self.gw.publish(cid, version, published, None, effect.payload_text, told)
         session.settle(call.unique_id)
         if not accepted:
+            if answer.transaction_id is not None:
+                self.state.end_transaction(cid, answer.transaction_id)  # never told
             # The buffer is full and drops newcomers (buffer.overflow = drop_newest): not
             # stored, so not answered as if it were; the charge point keeps it and retries.
-            log.warning("cp %s: %s %s not stored (buffer full); answered with an error so "
-                        "that the charge point keeps it", cid, call.action, call.unique_id)
-            self.queue(session, encode(CallError(
-                call.unique_id, InternalError("").code_for(version),
-                "the gateway cannot store this message now; send it again later", {})))
+            self._not_stored(session, call)
             return True
-        self._answered(session, call, answer, now)
+        if upstream_id != call.unique_id:
+            log.info("cp %s: %s %s published as %s (an earlier CALL with that id awaits "
+                     "the backend's answer)", cid, call.action, call.unique_id, upstream_id)
+        self._answered(session, call, answer, now, upstream_id)
         return True
+
+    def _not_stored(self, session: Session, call: Call) -> None:
+        log.warning("cp %s: %s %s not stored (buffer full); answered with an error so that "
+                    "the charge point keeps it", session.cid, call.action, call.unique_id)
+        self.queue(session, encode(CallError(
+            call.unique_id, InternalError("").code_for(session.version),
+            "the gateway cannot store this message now; send it again later", {})))
 
     def unanswered(self, session: Session, effect: Unanswered) -> None:
         """The backend did not answer a forwarded CALL within answer_after."""
@@ -178,17 +209,22 @@ class LocalMode:
         found = self.offline.in_flight(cid, effect.unique_id)
         call = Call(effect.unique_id, effect.action, found[1] if found else {})
         if self.offline.link_up:
-            log.warning("cp %s: the backend has not answered %s %s within %g s",
-                        cid, effect.action, effect.unique_id, self.settings.answer_after)
-            if self.offline.backend_silent():
+            wait = self.gw.policy.answer_after or 0.0
+            log.warning("cp %s: the backend has not answered %s %s within %g s; answered "
+                        "locally", cid, effect.action, effect.unique_id, wait)
+            # Silent: nothing at all from the backend for that long (one CALL waiting
+            # behind a replayed backlog, or one action the backend ignores, is not that).
+            if self._clock() - self.last_heard >= wait and self.offline.backend_silent():
                 self._changed()
+        if self.state.has_answered(cid, effect.unique_id):
+            self.state.take_answered(cid, effect.unique_id)  # an older CALL's: superseded
         now = time.time()
         self._answered(session, call, self.offline.answer(cid, session.version, call, now),
                        now)
 
     def _answered(self, session: Session, call: Call, answer: LocalAnswer,
-                  now: float) -> None:
-        self.offline.answered(session.cid, session.version, call, answer, now)
+                  now: float, upstream_id: str | None = None) -> None:
+        self.offline.answered(session.cid, session.version, call, answer, now, upstream_id)
         if answer.transaction_id is not None:
             log.info("cp %s: transaction started offline with local id %d", session.cid,
                      answer.transaction_id)
@@ -215,8 +251,14 @@ class LocalMode:
         self._flush_handle = None
         if not self._answers:
             return
-        self.gw.commit_buffer()
-        self.state.commit()
+        # On a full disk both keep what they could not write in memory (bounded; the
+        # buffer's documented behaviour) and the answers go out all the same: the
+        # charge point is served, and the next commit writes it all.
+        try:
+            self.gw.commit_buffer()
+            self.state.commit()
+        except Exception:  # never lose the answers to a bug in a commit
+            log.exception("committing before local answers failed; answering anyway")
         answers, self._answers = self._answers, []
         self._waiting.clear()
         for session, frame in answers:
@@ -229,11 +271,16 @@ class LocalMode:
 
     def reply(self, cid: str, version: str, msg: CallResult | CallError) -> bool:
         """A reply from the backend; True when it goes on to the charge point."""
+        given_up = self.offline.counts["given_up"]
         found = self.offline.reply(cid, version, msg, time.time())
         if found.mapped is not None:
             local_id, backend_id = found.mapped
             log.info("cp %s: local transaction %d is transaction %d at the backend",
                      cid, local_id, backend_id)
+        if found.mapped is not None or self.offline.counts["given_up"] != given_up:
+            # At once: the broker acknowledged the StartTransaction, whose row may leave
+            # the buffer at its next commit; a kill -9 must not lose the mapping with it.
+            self.state.commit()
             self.gw.uplink.kick()  # a held message may go now
         if found.disagreement is not None:
             log.warning("cp %s: the backend's answer to %s %s overrules the local answer: %s",
@@ -268,6 +315,15 @@ class LocalMode:
         self._commit_handle = None
         if not self.state.commit():
             self._schedule_state_commit()  # the disk refused: try again later
+
+    def _hold_ran_out(self, payload: bytes) -> None:
+        given_up = self.offline.give_up_payload(payload)
+        if given_up is not None:
+            cid, local_id = given_up
+            log.warning("cp %s: no backend transactionId for local transaction %d after "
+                        "ocpp.offline.hold_timeout; its messages go out with the local id",
+                        cid, local_id)
+            self.state.commit()
 
     def _arm_hold(self, deadline: float) -> None:
         loop = self.gw.loop

@@ -33,12 +33,14 @@ class GatedBuffer:
 
     def __init__(self, inner: UpstreamBuffer, gate: Callable[[bytes], bytes | None],
                  hold_timeout: float, clock: Callable[[], float],
-                 on_hold: Callable[[float], None] = lambda deadline: None) -> None:
+                 on_hold: Callable[[float], None] = lambda deadline: None,
+                 on_timeout: Callable[[bytes], None] = lambda payload: None) -> None:
         self.inner = inner
         self.gate = gate
         self.hold_timeout = hold_timeout
         self.clock = clock
         self.on_hold = on_hold  # told the hold's deadline when a hold starts
+        self.on_timeout = on_timeout  # told the payload of a hold that ran out
         self._taken: deque[Record] = deque()  # out of the buffer, not yet given to the uplink
         self.held_since: float | None = None
         self.released = 0  # holds that ran out: published with the local id
@@ -73,6 +75,7 @@ class GatedBuffer:
                             "published with the local one (ocpp.offline.hold_timeout)",
                             rec.seq, now - self.held_since)
                 payload = rec.payload
+                self.on_timeout(payload)
             self.held_since = None
             taken.popleft()
             rec.payload = payload

@@ -114,7 +114,29 @@ def _environmental(exc: Exception) -> bool:
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # ASCII: a lone surrogate a peer sent as a JSON escape stays an escape (SQLite text
+    # must be valid UTF-8).
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def _text(value: str) -> str:
+    """``value`` as SQLite can store it: unchanged unless it holds a lone surrogate (a
+    JSON escape like "\\ud800" decodes to one), which becomes backslash escapes, the
+    same way each time, so lookups and the file agree."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "backslashreplace")
+    return value
+
+
+def _safe_auth(auth: Authorization) -> Authorization:
+    fields = (auth.status, auth.parent, auth.parent_type)
+    clean = tuple(None if f is None else _text(f) if isinstance(f, str) else f
+                  for f in fields)
+    if clean == fields:
+        return auth
+    return Authorization(clean[0], auth.expires, clean[1], clean[2])
 
 
 class LocalState:
@@ -287,15 +309,15 @@ class LocalState:
         """What is known about ``id_key`` (any case): the operator's list entry, else the
         backend's last answer for it, else None. Returned as stored: the caller compares
         ``expires`` (epoch seconds) with its clock."""
-        key = id_key.casefold()
+        key = _text(id_key).casefold()
         found = self._list.get(key)
         return found if found is not None else self._auth.get(key)
 
     def learn_authorization(self, id_key: str, auth: Authorization, now: float) -> None:
         """The backend answered for ``id_key`` at ``now`` (epoch seconds): any status,
         so a tag it now refuses is refused offline too."""
-        key = id_key.casefold()
-        self._auth[key] = auth
+        key = _text(id_key).casefold()
+        self._auth[key] = _safe_auth(auth)
         self._dirty_auth[key] = now
         self._touch()
 
@@ -421,7 +443,7 @@ class LocalState:
                           answer: dict, now: float) -> None:
         """``cid``'s CALL ``unique_id`` was answered locally with ``answer``; keep it until
         the backend answers its replay. A second CALL with the same id replaces it."""
-        key = (cid, unique_id)
+        key = (cid, _text(unique_id))
         row = (action, _dumps(request), _dumps(answer), now)
         if not self._answered_exists(key):
             self._answered_n += 1
@@ -438,7 +460,7 @@ class LocalState:
         locally, forgotten from now on; None otherwise."""
         if not self._answered_n:
             return None
-        key = (cid, unique_id)
+        key = (cid, _text(unique_id))
         if key in self._answered:
             row = self._answered[key]
             if row is None:
@@ -458,6 +480,11 @@ class LocalState:
                       "answer is treated as not answered locally", self.path, unique_id,
                       cid, exc)
             return None
+
+    def has_answered(self, cid: str, unique_id: str) -> bool:
+        """Whether ``cid``'s CALL ``unique_id`` was answered locally and awaits the
+        backend's answer (a charge point reusing an id must not be confused with it)."""
+        return bool(self._answered_n) and self._answered_exists((cid, _text(unique_id)))
 
     @property
     def answered_pending(self) -> int:
@@ -557,6 +584,12 @@ class LocalState:
             if not _environmental(exc):  # SQLITE_CORRUPT...: the file, not the disk
                 return self._rebuild(str(exc))
             self._write_failed(exc)
+            return False
+        except Exception:  # a value SQLite cannot take: never leave the transaction open
+            self._rollback()
+            self.write_errors += 1
+            log.exception("local state %s: a commit failed; the state is kept in memory",
+                          self.path)
             return False
         self._committed()
         return True
@@ -744,7 +777,7 @@ def _salvage_counter(aside: Path) -> int | None:
 # -- the operator's authorization list -----------------------------------------------------
 
 STATUSES = ("Accepted", "Blocked", "Expired", "Invalid", "ConcurrentTx",  # 1.6 and 2.x
-            "NoCredit", "NotAllowedTypeCharger", "NotAtThisLocation", "NotAtThisTime",
+            "NoCredit", "NotAllowedTypeEVSE", "NotAtThisLocation", "NotAtThisTime",
             "Unknown")  # 2.0.1 / 2.1 only
 _STATUS = {s.lower(): s for s in STATUSES}
 PLAIN_MAX = 20  # an OCPP 1.6 idTag is a CiString20
@@ -770,7 +803,7 @@ def load_authorization_list(path: str | os.PathLike) -> dict[str, Authorization]
     * ``<id> [<status>] [<expiry>]``, separated by blanks. The id contains no blank.
     * ``<status>``: an OCPP AuthorizationStatus, any case: Accepted (the default),
       Blocked, Expired, Invalid, ConcurrentTx, and OCPP 2.x's NoCredit,
-      NotAllowedTypeCharger, NotAtThisLocation, NotAtThisTime, Unknown.
+      NotAllowedTypeEVSE, NotAtThisLocation, NotAtThisTime, Unknown.
     * ``<expiry>``: an RFC 3339 date-time with its time zone (``Z`` or ``±hh:mm``). The
       entry expires then, as a cached one does.
     * An OCPP 1.6 idTag is written as the charge point sends it; it has at most 20
