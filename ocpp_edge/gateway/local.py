@@ -153,8 +153,9 @@ class LocalMode:
     # -- CALLs from charge points --------------------------------------------------------
 
     def call_from_cp(self, session: Session, effect: ToBackend) -> bool:
-        """A CALL the session passes on. True when it was answered locally (and stored);
-        False: the gateway publishes it as usual (it is remembered until answered)."""
+        """A CALL the session passes on: published (online: remembered until the backend
+        answers it) or answered locally and stored (away). True when it was handled
+        here; the gateway's TopicError handling still applies to the publish."""
         call = effect.message
         assert isinstance(call, Call)
         cid, version = session.cid, session.version
