@@ -76,3 +76,19 @@ def test_a_window_smaller_than_the_batch_keeps_the_rest_for_the_next_take(tmp_pa
     assert [r.payload for r in gated.take(2)] == [b"A", b"B"]
     assert [r.payload for r in gated.take(2)] == [b"C", b"D"]
     assert [r.payload for r in gated.take(2)] == [b"E"]
+
+
+def test_a_hold_stops_only_its_own_charge_points_later_records(tmp_path):
+    buf = DiskBuffer(tmp_path, 1000, 10_000_000, "drop_oldest")
+    for topic, payload in (("cp/A", b"a-hold"), ("cp/B", b"b1"), ("cp/A/Reply", b"a2"),
+                           ("cp/B", b"b2")):
+        buf.append(topic, payload)
+    open_ = {"yes": False}
+    gated = GatedBuffer(buf, lambda p: None if p == b"a-hold" and not open_["yes"] else p,
+                        60, Clock(), key=lambda topic: topic.split("/")[1])
+    assert [r.payload for r in gated.take(10)] == [b"b1", b"b2"]  # B is not held back
+    assert gated.holding
+    assert gated.take(10) == []
+    open_["yes"] = True
+    assert [r.payload for r in gated.take(10)] == [b"a-hold", b"a2"]  # A's, in order
+    assert not gated.holding

@@ -24,8 +24,8 @@ the gateway does the I/O (publishing, committing, sending frames).
   carrying the local id are rewritten to the backend's as they are published
   (:meth:`upstream_payload`), downstream commands carrying the backend's id are rewritten
   to the local one (:meth:`downstream_call`). A message that needs a mapping not yet
-  known is held (:data:`HOLD`) — with it every later one, since order is kept — until
-  the answer arrives; the gateway bounds the wait (``ocpp.offline.hold_timeout``) and
+  known is held (:data:`HOLD`) — with it that charge point's later ones, since order
+  is kept — until the answer arrives; the gateway bounds the wait (``ocpp.offline.hold_timeout``) and
   then publishes it with the local id. The mapping ends when the transaction's
   StopTransaction is answered by the backend.
 

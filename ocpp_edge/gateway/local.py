@@ -68,7 +68,7 @@ class LocalMode:
             data_transfer=settings.data_transfer))
         self.gated = GatedBuffer(gateway.buffer, self.offline.upstream_payload,
                                  settings.hold_timeout, self._clock, self._arm_hold,
-                                 self._hold_ran_out)
+                                 self._hold_ran_out, self._charge_point_of)
         self.last_heard = float("-inf")  # loop time of the last message from the backend
         self.since = time.time()  # of the current state (local mode or not)
         self._answers: list[tuple[Session, str]] = []  # frames waiting for the commit
@@ -81,6 +81,10 @@ class LocalMode:
                  "are answered locally while the backend is away%s",
                  f", or silent for {settings.answer_after:g} s"
                  if settings.answer_after is not None else "")
+
+    def _charge_point_of(self, topic: str) -> str:
+        """The gate's key: a hold stops only this charge point's later messages."""
+        return self.gw.router.charge_point_of(topic) or topic
 
     def _clock(self) -> float:
         loop = self.gw.loop
