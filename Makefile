@@ -8,6 +8,10 @@
 #               bench/run.py, e.g. make bench BENCH_ARGS=--smoke
 #   make bench-quick   the former `make bench`: closed + open loop only, .venv (~2 min)
 #   make bench-drain   only the backlog drain (bench/buffer_bench.py phase 3), both interpreters
+#   make bench-offline offline operation (issue 15): local answer latency during an outage
+#               beside the online round trip, replay of a 100,000-message outage backlog
+#               with transaction id rewriting beside policy buffer (bench/offline_bench.py,
+#               .venv, ~5 min; not part of `make bench`).  OFFLINE_ARGS, e.g. --smoke
 #   make deb    the Debian package: dist/ocpp-edge_<version>_all.deb (+ lintian)
 #   make deb-test   build it, install it with apt into a fresh Debian bookworm booted
 #                   with systemd-nspawn, and check the service there (+ piuparts)
@@ -23,12 +27,13 @@ DEBIAN_PKGS := python3-venv python3-tornado python3-paho-mqtt python3-jsonschema
 	python3-fastjsonschema python3-configobj python3-sdnotify
 BENCH_OUT ?= /tmp/ocpp-edge-bench
 BENCH_ARGS ?=
+OFFLINE_ARGS ?=
 BENCH_PHASES ?= closed,open,scale,idle,wakeups,startup,drain
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-bookworm bench bench-quick bench-drain debian-venv venv mosquitto \
-	man-tools lint clean deb deb-test
+.PHONY: run test test-bookworm bench bench-quick bench-drain bench-offline debian-venv venv \
+	mosquitto brokers man-tools lint clean deb deb-test
 
 venv: $(VENV)/.installed
 
@@ -63,6 +68,16 @@ mosquitto:
 	  echo "installing mosquitto (apt)"; \
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mosquitto; }
 
+# tests/test_brokers.py runs the integration tests against RabbitMQ (MQTT plugin) and NATS
+# (MQTT mode, JetStream) too, each a private instance; install them from Debian when missing.
+# The packages' own services are not needed by the tests (they use other ports).
+brokers: mosquitto
+	@missing=$$(for b in rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server \
+	  nats-server:/usr/sbin/nats-server; do test -x $${b#*:} || echo $${b%%:*}; done); \
+	if [ -n "$$missing" ]; then echo "installing $$missing (apt)"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	  $(SUDO) apt-get install -y -q $$missing; fi
+
 # tests/test_packaging.py formats the man pages with groff and man; install them when missing.
 man-tools:
 	@{ command -v groff && command -v man; } >/dev/null || { \
@@ -72,13 +87,14 @@ man-tools:
 # The development config plus a buffer directory inside the checkout (.run/).
 run: venv
 	mkdir -p .run
-	{ cat etc/ocpp-edge.dev.conf; echo "buffer.dir = $(CURDIR)/.run/buffer"; } > .run/dev.conf
+	{ cat etc/ocpp-edge.dev.conf; echo "buffer.dir = $(CURDIR)/.run/buffer"; \
+	  echo "admin.socket = $(CURDIR)/.run/admin.sock"; } > .run/dev.conf
 	$(VENV)/bin/ocpp-edge --config .run/dev.conf
 
-test: venv mosquitto man-tools
+test: venv mosquitto brokers man-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-test-bookworm: $(BOOKWORM_VENV)/.installed mosquitto man-tools
+test-bookworm: $(BOOKWORM_VENV)/.installed mosquitto brokers man-tools
 	$(BOOKWORM_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Every figure: one bench/run.py per interpreter, floor + ocpp-edge + reference bridge in
@@ -97,6 +113,10 @@ bench-drain: venv debian-venv mosquitto
 	mkdir -p $(BENCH_OUT)
 	$(VENV)/bin/python bench/buffer_bench.py --phases 3 --windows 200 --backlog-other 0 \
 	  --pythons $(DEBIAN_VENV)/bin/python,$(VENV)/bin/python --json $(BENCH_OUT)/drain.json
+
+bench-offline: venv mosquitto
+	mkdir -p $(BENCH_OUT)
+	$(VENV)/bin/python bench/offline_bench.py --json $(BENCH_OUT)/offline.json $(OFFLINE_ARGS)
 
 lint: venv
 	$(VENV)/bin/pip install -q ruff

@@ -204,6 +204,7 @@ class GatewayProcess:
             "ocpp.upstream.status_topic": "off",
             "ocpp.upstream.event_topic": "off",
             "admin.listen": "off",
+            "admin.socket": "off",
         }
         for line in extra.splitlines():  # a test's own settings win
             key, sep, value = line.partition("=")

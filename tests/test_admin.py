@@ -1,6 +1,7 @@
 """The admin endpoint's HTTP layer: real requests to a real Tornado server on a loopback
-port. The gateway behind it is a small fake view here (this tests routes, status codes,
-headers, authentication); the gateway's own tests drive it with real charge points.
+port (and on its Unix socket). The gateway behind it is a small fake view here (this tests
+routes, status codes, headers, authentication); the gateway's own tests drive it with
+real charge points.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import tornado.httpclient
 
 from ocpp_edge.config import MIN_TOKEN_LENGTH, is_loopback, load_token
 from ocpp_edge.errors import ConfigError
-from ocpp_edge.ops.admin import rfc3339, start_admin_server
+from ocpp_edge.ops import admin as admin_module
+from ocpp_edge.ops.admin import AdminSocket, rfc3339, start_admin_server
 from ocpp_edge.ops.metrics import GatewayMetrics
 
 TOKEN = "s3cr3t-t0ken-for-the-admin-api"
@@ -66,11 +68,21 @@ class FakeView:
         return self.health
 
 
-def run(view: FakeView, token: str | None, scenario) -> None:
-    """Start the admin server on a free loopback port, run ``scenario(fetch)``, stop."""
+def run(view: FakeView, token: str | None, scenario, as_socket: bool = False) -> None:
+    """Start the admin server on a free loopback port, run ``scenario(fetch)``, stop.
+    ``as_socket``: the application of the admin socket (as if the request came through
+    it; the socket itself is tested below), served on that port for the HTTP client."""
 
     async def main() -> None:
-        server, port = start_admin_server(view, "127.0.0.1", 0, token)
+        if as_socket:
+            server = admin_module._server(admin_module.make_admin_app(
+                view, None, "/run/test/admin.sock", via_socket=True))
+            [sock] = admin_module.bind_sockets(0, address="127.0.0.1")
+            server.add_sockets([sock])
+            port = sock.getsockname()[1]
+        else:
+            server, port = start_admin_server(view, "127.0.0.1", 0, token,
+                                              "/run/test/admin.sock")
         http = tornado.httpclient.AsyncHTTPClient(force_instance=True)
 
         async def fetch(path: str, method: str = "GET", auth: str | None = None,
@@ -135,7 +147,7 @@ def test_unknown_client_is_404_clientid_not_found():
             assert r.code == 404
             assert body(r) == {"code": "CLIENTID_NOT_FOUND", "message": "Client ID not found"}
 
-    run(FakeView(), None, scenario)
+    run(FakeView(), None, scenario, as_socket=True)
 
 
 def test_kick_closes_the_right_client_and_answers_204():
@@ -151,7 +163,7 @@ def test_kick_closes_the_right_client_and_answers_204():
         r = await fetch("/api/v1/clients")
         assert body(r)["meta"]["count"] == 2
 
-    run(view, None, scenario)
+    run(view, None, scenario, as_socket=True)
 
 
 def test_metrics_are_text_0_0_4():
@@ -274,6 +286,69 @@ def test_without_a_token_host_names_are_refused():
             assert r.code == 200, host
 
     run(view, None, scenario)
+
+
+def test_without_a_token_tcp_may_read_but_not_kick():
+    """Issue 16: any local user (nobody) could kick through the tokenless loopback port.
+    Reading stays open; a change names the socket (and the token) instead."""
+    view = FakeView()
+
+    async def scenario(fetch):
+        r = await fetch("/api/v1/clients/CP-1", method="DELETE")
+        assert r.code == 403
+        assert body(r)["code"] == "FORBIDDEN"
+        assert "/run/test/admin.sock" in body(r)["message"]
+        assert "admin.token_file" in body(r)["message"]
+        assert view.kicked == []
+        for path in ("/api/v1/status", "/api/v1/clients", "/api/v1/clients/CP-1", "/metrics"):
+            r = await fetch(path)
+            assert r.code == 200, path
+        r = await fetch("/api/v1/clients", method="DELETE")  # no such method: still 405
+        assert r.code == 405
+
+    run(view, None, scenario)
+
+
+def test_the_admin_socket_is_0660_and_allows_kicks(tmp_path, caplog):
+    view = FakeView()
+    path = str(tmp_path / "admin.sock")
+    (tmp_path / "admin.sock").write_text("a stale file, not a socket")
+    with pytest.raises(ValueError):
+        asyncio.run(_socket_and(view, path, None))  # never removes a file that is not one
+    os.unlink(path)
+
+    async def exchange(request: bytes) -> bytes:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(request)
+        data = await reader.read()
+        writer.close()
+        return data
+
+    async def scenario() -> None:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o660"
+        # no token, no Host check: the file's mode is the authorization
+        got = await exchange(b"DELETE /api/v1/clients/CP-1 HTTP/1.1\r\nHost: x\r\n"
+                             b"Connection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 204"), got
+        got = await exchange(b"GET /api/v1/status HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Connection: close\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200"), got
+
+    with caplog.at_level("INFO", logger="ocpp_edge.admin"):
+        asyncio.run(_socket_and(view, path, scenario))
+    assert view.kicked == ["CP-1"]
+    assert not os.path.exists(path)  # removed on close
+    assert any(f"through {path} by uid {os.getuid()}" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+async def _socket_and(view, path, scenario) -> None:
+    sock = AdminSocket(view, path)
+    try:
+        if scenario is not None:
+            await scenario()
+    finally:
+        sock.close()
 
 
 # -- helpers ------------------------------------------------------------------------------

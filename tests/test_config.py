@@ -30,14 +30,16 @@ KEYS = [
     "ocpp.ping_interval", "ocpp.ping_timeout", "ocpp.default_heartbeat_interval",
     "ocpp.heartbeat_checking_times_backoff", "ocpp.mountpoint",
     "ocpp.upstream.topic", "ocpp.upstream.reply_topic", "ocpp.upstream.error_topic",
-    "ocpp.dnstream.topic", "ocpp.upstream.status_topic", "ocpp.upstream.event_topic",
+    "ocpp.dnstream.topic", "ocpp.topic_id_encoding", "ocpp.upstream.status_topic",
+    "ocpp.upstream.event_topic",
     "ocpp.upstream.strict_mode", "ocpp.upstream.awaiting_timeout",
     "ocpp.dnstream.strict_mode", "ocpp.dnstream.max_mqueue_len",
     "ocpp.dnstream.awaiting_timeout", "ocpp.dnstream.retry_interval",
     "ocpp.dnstream.max_retries", "ocpp.message_format_checking", "ocpp.json_schema_dir",
     "ocpp.json_schema_id_prefix", "mqtt.server", "mqtt.client_id", "mqtt.username",
     "mqtt.password", "mqtt.password_file", "mqtt.cacertfile", "mqtt.certfile",
-    "mqtt.keyfile", "mqtt.verify_hostname", "mqtt.qos", "mqtt.clean_session", "mqtt.keepalive",
+    "mqtt.keyfile", "mqtt.verify_hostname", "mqtt.protocol", "mqtt.qos", "mqtt.clean_session",
+    "mqtt.session_expiry", "mqtt.keepalive",
     "mqtt.reconnect_delay_min", "mqtt.reconnect_delay_max", "mqtt.max_inflight",
     "auth.password_file", "auth.allow_anonymous", "auth.known_ids_only",
     "auth.max_failures", "auth.failure_window", "ocpp.upstream_down_policy",
@@ -47,7 +49,7 @@ KEYS = [
     "ocpp.offline.transaction_max_age", "buffer.dir",
     "buffer.max_messages", "buffer.max_bytes",
     "buffer.overflow", "buffer.fsync_interval", "buffer.replay_rate", "log.level",
-    "admin.listen", "admin.token_file",
+    "admin.listen", "admin.token_file", "admin.socket",
 ]
 
 FILLER = "# a comment\n\nocpp.upstream.topic.Heartbeat = cp/${cid}/hb\n"  # tested lines start at 4
@@ -97,10 +99,12 @@ def test_defaults():
             transaction_max_age=7 * 86400.0),
         event_topic="sys/${node}/clients/${cid}/${event}")
     assert s.mqtt == config.MqttSettings(
-        host="127.0.0.1", port=1883, client_id=f"ocpp-edge-{socket.gethostname()}",
+        host="127.0.0.1", port=1883,
+        client_id="ocpp-edge-" + socket.gethostname().replace(".", "-"),
         username=None, password=None, tls=False, cacertfile=None, certfile=None,
-        keyfile=None, verify_hostname=True, qos=1, clean_session=True, keepalive=60.0,
-        reconnect_delay_min=1.0, reconnect_delay_max=60.0, max_inflight=200)
+        keyfile=None, verify_hostname=True, protocol="3.1.1", qos=1, clean_session=False,
+        session_expiry=3600.0, keepalive=60.0, reconnect_delay_min=1.0,
+        reconnect_delay_max=5.0, max_inflight=200)
     assert s.buffer == config.BufferSettings(
         dir="/var/lib/ocpp-edge", max_messages=1_000_000, max_bytes=256 * 1024 * 1024,
         overflow="drop_oldest", fsync_interval=pytest.approx(0.1), replay_rate=0)
@@ -109,7 +113,7 @@ def test_defaults():
         known_ids_only=False, max_failures=10, failure_window=60.0)
     assert s.log == config.LogSettings("info")
     assert s.admin == config.AdminSettings(listen=Listen("127.0.0.1", 33080), token_file=None,
-                                           token=None)
+                                           token=None, socket="/run/ocpp-edge/admin.sock")
     assert s.source == "<string>"
 
 
@@ -872,7 +876,9 @@ def test_qos2_needs_a_clean_session():
         load_text("mqtt.qos = 2\nmqtt.clean_session = false\n", "q.conf")
     assert info.value.line == 2 and info.value.key == "mqtt.clean_session"
     assert "must be true with mqtt.qos = 2" in str(info.value)
-    assert load_text("mqtt.qos = 2\n").mqtt.qos == 2
+    # The default (a persistent session) yields to QoS 2 when the key is not written.
+    m = load_text("mqtt.qos = 2\n").mqtt
+    assert (m.qos, m.clean_session) == (2, True)
 
 
 @pytest.mark.parametrize("host", ["broker..example.com", "a" * 64 + ".example.com"])
@@ -908,7 +914,8 @@ def test_admin_token_file_is_read_and_checked(tmp_path):
     s = load_text(f"admin.listen = 0.0.0.0:33080\nadmin.token_file = {token}\n")
     assert s.admin == config.AdminSettings(listen=Listen("0.0.0.0", 33080),
                                            token_file=str(token),
-                                           token="0123456789abcdef0123")
+                                           token="0123456789abcdef0123",
+                                           socket="/run/ocpp-edge/admin.sock")
     token.chmod(0o644)
     err = error_of(FILLER + f"admin.token_file = {token}\n")
     assert (err.key, err.line) == ("admin.token_file", 4)
@@ -944,8 +951,9 @@ def test_presence_topic_errors_name_key_and_line(key, value, words):
 def test_presence_topics_render_node_from_the_client_id():
     s = load_text("ocpp.upstream.event_topic = e/${node}/${clientid}/${event}\n")
     assert s.ocpp.event_topic == "e/${node}/${clientid}/${event}"
-    err = error_of(FILLER + "mqtt.client_id = site/gw+1\n")
-    assert err.key == "ocpp.upstream.status_topic" and "mqtt.client_id" in str(err)
-    s = load_text("mqtt.client_id = site/gw+1\nocpp.upstream.status_topic = gw/status\n"
-                  "ocpp.upstream.event_topic = off\n")
-    assert s.mqtt.client_id == "site/gw+1"
+    # A client id that cannot be a topic level on every broker is refused by its own key
+    # (issue 16), whether or not a presence topic uses ${node}.
+    for client_id in ("site/gw+1", "site/gw+1\nocpp.upstream.status_topic = gw/status\n"
+                      "ocpp.upstream.event_topic = off"):
+        err = error_of(FILLER + f"mqtt.client_id = {client_id}\n")
+        assert err.key == "mqtt.client_id" and "'/'" in str(err)

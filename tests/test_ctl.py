@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port
 
-from ocpp_edge.ops.admin import rfc3339, start_admin_server
+from ocpp_edge.ops.admin import AdminSocket, rfc3339, start_admin_server
 from ocpp_edge.ops.ctl import fmt_bytes, fmt_duration, url_from_listen
 
 TOKEN = "ctl-test-token-0123456789abcdef"
@@ -84,15 +84,21 @@ class FakeView:
 
 
 class AdminThread:
-    """The admin server on its own event loop in a thread, as the gateway would run it."""
+    """The admin server on its own event loop in a thread, as the gateway would run it;
+    with ``sock``, also the admin socket there."""
 
-    def __init__(self, view: FakeView, token: str | None) -> None:
+    def __init__(self, view: FakeView, token: str | None, sock: Path | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         failure: list[BaseException] = []
+        self.sock = str(sock) if sock else None
+        self.unix: AdminSocket | None = None
 
         async def start() -> None:
-            self.server, self.port = start_admin_server(view, "127.0.0.1", 0, token)
+            self.server, self.port = start_admin_server(view, "127.0.0.1", 0, token,
+                                                        self.sock)
+            if self.sock:
+                self.unix = AdminSocket(view, self.sock)
 
         def main() -> None:
             asyncio.set_event_loop(self.loop)
@@ -115,6 +121,8 @@ class AdminThread:
     def stop(self) -> None:
         async def shutdown() -> None:
             self.server.stop()
+            if self.unix is not None:
+                self.unix.close()
             await self.server.close_all_connections()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
@@ -129,8 +137,8 @@ def view():
 
 
 @pytest.fixture
-def admin(view):
-    server = AdminThread(view, None)
+def admin(view, tmp_path):
+    server = AdminThread(view, None, tmp_path / "admin.sock")
     yield server
     server.stop()
 
@@ -235,22 +243,48 @@ def test_one_client(admin, view):
 
 
 def test_unknown_client_exit_3(admin):
-    for cmd in ("client", "kick"):
-        r = ctl("--url", admin.url, cmd, "CP-404")
+    for args in (("--url", admin.url, "client"), ("--socket", admin.sock, "kick")):
+        r = ctl(*args, "CP-404")
         assert r.returncode == 3, r.stderr
         assert r.stderr == "ocpp-edge ctl: no charge point 'CP-404' is connected\n"
         assert r.stdout == ""
 
 
 def test_kick(admin, view):
-    r = ctl("--url", admin.url, "kick", ODD_CID)
+    r = ctl("--socket", admin.sock, "kick", ODD_CID)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"kicked {ODD_CID}: its connection was closed (1000)\n"
     assert view.kicked == [ODD_CID]
-    r = ctl("--url", admin.url + "/", "--json", "kick", "CP-1")
+    r = ctl("--socket", admin.sock, "--json", "kick", "CP-1")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"clientid": "CP-1", "kicked": True}
     assert view.kicked == [ODD_CID, "CP-1"]
+
+
+def test_kick_over_tcp_needs_the_socket_or_the_token(admin, view):
+    """Issue 16: any local user could kick through the tokenless loopback endpoint."""
+    r = ctl("--url", admin.url, "kick", "CP-1")
+    assert r.returncode == 1
+    assert "HTTP 403" in r.stderr and f"admin socket {admin.sock}" in r.stderr, r.stderr
+    assert view.kicked == []
+    r = ctl("--url", admin.url, "status")  # reading stays open
+    assert r.returncode == 0, r.stderr
+
+
+def test_socket_from_the_config_file_is_preferred(admin, view, tmp_path):
+    conf = tmp_path / "ocpp-edge.conf"
+    conf.write_text(f"admin.listen = 127.0.0.1:{free_port()}\nadmin.socket = {admin.sock}\n")
+    r = ctl("--config", str(conf), "kick", "CP-1")  # nothing listens on that TCP port
+    assert r.returncode == 0, r.stderr
+    assert view.kicked == ["CP-1"]
+    r = ctl("--config", str(conf), "--json", "status")
+    assert r.returncode == 0 and json.loads(r.stdout)["version"] == "0.1.0"
+    # an explicit --url means TCP, even with a usable socket in the configuration
+    r = ctl("--config", str(conf), "--url", admin.url, "kick", ODD_CID)
+    assert r.returncode == 1 and "HTTP 403" in r.stderr
+    r = ctl("--socket", str(tmp_path / "absent.sock"), "status")
+    assert r.returncode == 1
+    assert "cannot use the admin socket" in r.stderr and "does not exist" in r.stderr
 
 
 # -- token and configuration --------------------------------------------------------------

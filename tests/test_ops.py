@@ -45,6 +45,22 @@ def request(base: str, path: str, method: str = "GET", token: str | None = None)
     return status, raw.decode()
 
 
+def request_unix(sock: str, path: str, method: str = "GET"):
+    """(status, body) through the admin socket."""
+    from ocpp_edge.ops.ctl import _UnixConnection
+
+    conn = _UnixConnection(sock, 10)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        raw = resp.read()
+        if (resp.headers["Content-Type"] or "").startswith("application/json"):
+            return resp.status, json.loads(raw)
+        return resp.status, raw.decode()
+    finally:
+        conn.close()
+
+
 def get(base: str, path: str):
     status, body = request(base, path)
     assert status == 200, (path, status, body)
@@ -124,12 +140,15 @@ def test_listings_follow_connects_messages_and_disconnects(make_gateway, broker,
     assert get(admin, "/api/v1/status")["charge_points"] == {"connected": 0}
 
 
-def test_kick_closes_the_right_socket_with_1000(make_gateway, broker, backend):
-    gw, admin = start(make_gateway, broker, PRESENCE_ON)
+def test_kick_closes_the_right_socket_with_1000(make_gateway, broker, backend, tmp_path):
+    sock = str(tmp_path / "admin.sock")
+    gw, admin = start(make_gateway, broker, PRESENCE_ON + f"admin.socket = {sock}\n")
     with ws_connect(f"{gw.url}/A", subprotocols=["ocpp1.6"]) as a, \
             ws_connect(f"{gw.url}/B", subprotocols=["ocpp1.6"]) as b:
         eventually(lambda: get(admin, "/api/v1/clients")["meta"]["count"] == 2, "both listed")
-        status, body = request(admin, "/api/v1/clients/A", "DELETE")
+        status, body = request(admin, "/api/v1/clients/A", "DELETE")  # TCP, no token
+        assert status == 403 and body["code"] == "FORBIDDEN"
+        status, body = request_unix(sock, "/api/v1/clients/A", "DELETE")
         assert (status, body) == (204, "")
         with pytest.raises(ConnectionClosed) as closed:
             a.recv(timeout=10)
@@ -140,7 +159,7 @@ def test_kick_closes_the_right_socket_with_1000(make_gateway, broker, backend):
         assert [c["clientid"] for c in get(admin, "/api/v1/clients")["data"]] == ["B"]
         b.send(json.dumps([2, "b1", "Heartbeat", {}]))
         assert backend.expect("ocpp/cp/B")[1]["UniqueId"] == "b1"
-    assert request(admin, "/api/v1/clients/A", "DELETE") == (
+    assert request_unix(sock, "/api/v1/clients/A", "DELETE") == (
         404, {"code": "CLIENTID_NOT_FOUND", "message": "Client ID not found"})
 
 
@@ -268,8 +287,8 @@ def ctl(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
 
 
-def test_ctl_against_a_live_gateway(make_gateway, broker, backend):
-    gw, admin = start(make_gateway, broker)
+def test_ctl_against_a_live_gateway(make_gateway, broker, backend, tmp_path):
+    gw, admin = start(make_gateway, broker, f"admin.socket = {tmp_path}/admin.sock\n")
     with ws_connect(f"{gw.url}/CTL-1", subprotocols=["ocpp2.0.1"]) as ws:
         eventually(lambda: client(admin, "CTL-1"), "listed")
         ws.send(json.dumps([2, "h1", "Heartbeat", {}]))
@@ -294,13 +313,13 @@ def test_ctl_against_a_live_gateway(make_gateway, broker, backend):
         assert run.returncode == 0, run
         assert json.loads(run.stdout)["messages_in"] == 1
 
-        run = ctl("--url", admin, "kick", "CTL-1")
+        run = ctl("--config", str(gw.config), "kick", "CTL-1")  # admin.socket
         assert (run.returncode, run.stdout) == (0, "kicked CTL-1: its connection was closed "
                                                    "(1000)\n")
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
         assert closed.value.rcvd.code == 1000
-    run = ctl("--url", admin, "kick", "CTL-1")
+    run = ctl("--config", str(gw.config), "kick", "CTL-1")
     assert run.returncode == 3 and "no charge point 'CTL-1' is connected" in run.stderr
     run = ctl("--url", admin, "clients")
     assert (run.returncode, run.stdout) == (0, "no charge points connected\n")

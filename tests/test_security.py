@@ -55,6 +55,7 @@ from ocpp.v16 import call
 from ocpp.v201 import ChargePoint as ChargePoint201
 from ocpp.v201 import call as call201
 
+from ocpp_edge.core.router import encode_id
 from ocpp_edge.tools import cert as certtool
 
 REALM = 'Basic realm="ocpp-edge", charset="UTF-8"'
@@ -1014,9 +1015,11 @@ def check_topic(topic: str, body, cid: str, proto: str) -> None:
         # sys/<node>/status and sys/<node>/clients/<cid>/<event>): a charge point's id
         # is one whole level there, and one of the ids that connected.
         assert len(parts) == 4 or (len(parts) == 6 and parts[3] == "clients"
-                                   and parts[4] in ODD_IDS), topic
+                                   and parts[4] in map(encode_id, ODD_IDS)), topic
         return
-    assert parts[:3] == ["ocpp", "cp", cid], (cid, topic)
+    # The id is one level, written safe for every broker (README "Charge point ids in
+    # topics": '.', ' ', '*', '%', a leading '$' ... as %XX).
+    assert parts[:3] == ["ocpp", "cp", encode_id(cid)], (cid, topic)
     assert len(parts) == LEVELS[parts[3]], (cid, topic)
     kind, values = parts[3], parts[4:]
     uid, action, type_id = body["UniqueId"], body.get("Action"), str(body["MessageTypeId"])
@@ -1061,7 +1064,7 @@ def test_nothing_a_charge_point_sends_leaves_its_own_topics(tmp_path, mosquitto)
                                       subprotocols=[proto], open_timeout=TIMEOUT) as ws:
             for t in texts:
                 await ws.send(t)
-            sentinel = f"ocpp/cp/{cid}/call/Heartbeat/sentinel/2"
+            sentinel = f"ocpp/cp/{encode_id(cid)}/call/Heartbeat/sentinel/2"
             deadline = time.monotonic() + TIMEOUT
             while True:
                 try:

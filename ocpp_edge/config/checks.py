@@ -188,7 +188,9 @@ def cross_checks(v: ConfigObj, key_lines: dict[str, int]) -> list[Problem]:
                                 f"{v[key]:g}s"))
     # A new paho client per connection restarts packet ids, so QoS 2 releases owed on a
     # persistent session could be matched to new messages by the broker: refuse the pair.
-    if v["mqtt.qos"] == 2 and not v["mqtt.clean_session"]:
+    # Only when written: the default (a persistent session) yields to mqtt.qos = 2.
+    if (v["mqtt.qos"] == 2 and not v["mqtt.clean_session"]
+            and "mqtt.clean_session" in key_lines):
         key = "mqtt.clean_session"
         line = key_lines.get(key) or key_lines.get("mqtt.qos")
         problems.append(Problem(line, key, "must be true with mqtt.qos = 2 (QoS 2 over a "

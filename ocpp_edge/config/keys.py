@@ -276,6 +276,19 @@ def check_file(value):
     return text
 
 
+def check_socket_path(value):
+    """``off`` (or empty) -> None; otherwise an absolute path, at most 107 bytes (the
+    size of ``sun_path``). The directory must exist when the daemon starts (systemd makes
+    /run/ocpp-edge: ``RuntimeDirectory=``)."""
+    text = _scalar(value)
+    if text.lower() in ("", "off"):
+        return None
+    _absolute(text)
+    if len(os.fsencode(text)) > 107:
+        raise Invalid(f"a Unix socket path has at most 107 bytes, got {text!r}")
+    return text
+
+
 def check_tls_versions(value):
     names = value if isinstance(value, list) else value.split(",")
     names = [name.strip().lower() for name in names if name.strip()]
@@ -330,16 +343,36 @@ def check_mqtt_url(value):
     return tls, url.hostname, port or (8883 if tls else 1883)
 
 
+# Characters some supported broker refuses or rewrites where the client id goes: in the
+# will and status topics (${node}) NATS drops the connection for '.' and ' ' and takes
+# '*' and '>' as wildcards, RabbitMQ turns '.' into '/' and '*' into '+', '+', '#' and '/'
+# are MQTT's own; control characters are refused in client ids (MQTT 3.1.1 §1.5.3).
+_CLIENT_ID_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f .*>+#/]|^\$")
+
+
+def safe_hostname(name: str) -> str:
+    """The host name as ``${hostname}`` in mqtt.client_id: every character but letters,
+    digits, '-' and '_' becomes '-' (a dotted name would put '.' in the will topic)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name) or "localhost"
+
+
 def check_client_id(value):
     """Replace ``${hostname}``; no other placeholder is known."""
     text = _scalar(value)
     bad = re.search(r"\$\{[^}]*\}?", text.replace("${hostname}", ""))
     if bad:
         raise Invalid(f"unknown placeholder {bad[0]} (known: ${{hostname}})")
-    rendered = text.replace("${hostname}", socket.gethostname())
+    rendered = text.replace("${hostname}", safe_hostname(socket.gethostname()))
     if not 1 <= len(rendered) <= 128:
         raise Invalid(f"must be 1 to 128 characters once ${{hostname}} is replaced, "
                       f"got {len(rendered)}")
+    unsafe = _CLIENT_ID_UNSAFE.search(rendered)
+    if unsafe:
+        what = "a leading '$'" if unsafe[0] == "$" else repr(unsafe[0])
+        raise Invalid(f"{rendered!r} contains {what}, which some brokers refuse or rewrite "
+                      "(NATS closes the connection for '.' or ' ' in the will topic, where "
+                      "the client id is ${node}; RabbitMQ turns '.' into '/'): use "
+                      "letters, digits, '-', '_' and ':'")
     return rendered
 
 
@@ -397,7 +430,7 @@ _CHECKS = {
     "optional_boolean": check_optional_boolean, "file": check_file,
     "tls_versions": check_tls_versions, "ciphers": check_ciphers,
     "admin_listen": check_admin_listen, "optional_duration": check_optional_duration,
-    "id_range": check_id_range,
+    "id_range": check_id_range, "socket_path": check_socket_path,
 }
 
 

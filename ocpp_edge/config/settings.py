@@ -100,6 +100,7 @@ class OcppSettings:
     offline: OfflineSettings
     status_topic: str | None                    # gateway status (retained); None: off
     event_topic: str | None                     # charge point events; None: off
+    topic_id_encoding: str = "percent"          # "percent" | "none": ${cid} in a topic
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,10 @@ class MqttSettings:
     certfile: str | None
     keyfile: str | None
     verify_hostname: bool
+    protocol: str               # "3.1.1" | "5"
     qos: int
-    clean_session: bool
+    clean_session: bool         # False: a persistent session (MQTT 5: see session_expiry)
+    session_expiry: float       # seconds; MQTT 5 with clean_session False only
     keepalive: float            # seconds
     reconnect_delay_min: float
     reconnect_delay_max: float
@@ -142,6 +145,7 @@ class AdminSettings:
     listen: Listen | None       # None: the admin endpoint is off
     token_file: str | None
     token: str | None           # read from token_file; None: loopback without a token
+    socket: str | None = None   # admin.socket: the Unix socket (kick without a token); None: off
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ def build(v: Mapping[str, Any], overrides: dict[str, str],
             ),
             status_topic=v["ocpp.upstream.status_topic"],
             event_topic=v["ocpp.upstream.event_topic"],
+            topic_id_encoding=v["ocpp.topic_id_encoding"],
         ),
         mqtt=MqttSettings(
             host=host,
@@ -215,8 +220,11 @@ def build(v: Mapping[str, Any], overrides: dict[str, str],
             certfile=v["mqtt.certfile"],
             keyfile=v["mqtt.keyfile"],
             verify_hostname=v["mqtt.verify_hostname"],
+            protocol=v["mqtt.protocol"],
             qos=v["mqtt.qos"],
-            clean_session=v["mqtt.clean_session"],
+            # QoS 2 needs a clean session (config/checks.py); unwritten, the key yields.
+            clean_session=v["mqtt.clean_session"] or v["mqtt.qos"] == 2,
+            session_expiry=v["mqtt.session_expiry"],
             keepalive=v["mqtt.keepalive"],
             reconnect_delay_min=v["mqtt.reconnect_delay_min"],
             reconnect_delay_max=v["mqtt.reconnect_delay_max"],
@@ -239,6 +247,6 @@ def build(v: Mapping[str, Any], overrides: dict[str, str],
         ),
         log=LogSettings(level=v["log.level"]),
         admin=AdminSettings(listen=v["admin.listen"], token_file=v["admin.token_file"],
-                            token=admin_token),
+                            token=admin_token, socket=v["admin.socket"]),
         source=source,
     )

@@ -10,13 +10,15 @@ settings and asks it two questions per message:
 Topic contract (EMQX ``emqx_ocpp.conf``; SPEC "Upstream" and "Downstream"):
 topic = mountpoint + rendered template. Placeholders: ``${cid}``/``${clientid}`` (the
 charge point id), ``${action}``, ``${id}`` (UniqueId), ``${type}`` (MessageTypeId),
-``${proto}`` (e.g. ``ocpp1.6``).
+``${proto}`` (e.g. ``ocpp1.6``). The charge point id is written as a topic level safe on
+every supported broker (``encode_id``, ``ocpp.topic_id_encoding``) and read back from a
+downstream topic with ``decode_id``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ocpp_edge.core.ocppj.codec import dump_json, parse_json
@@ -43,6 +45,54 @@ _ALIASES = {"clientid": "cid"}
 
 class TopicError(ValueError):
     """A value cannot be placed in a topic (it would change the topic's levels)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Charge point ids as topic levels (README "Charge point ids in topics").
+#
+# An id that is legal in OCPP may hold characters some supported broker treats specially
+# in a topic: RabbitMQ turns '.' into a level separator and '*' into '+'; NATS drops the
+# connection of a client that publishes a topic with '.' or ' ', and '*' and '>' are its
+# wildcards; '+', '#' and '/' are MQTT's own; a topic starting with '$' is the broker's.
+# ``percent`` (the default of ocpp.topic_id_encoding) writes each of them, and '%' itself
+# so that the encoding stays reversible, as '%' and two upper-case hex digits. Every other
+# character is left as it is, so plain ids (CP001, DE-ABC-123) look as they always did.
+
+ID_ENCODINGS = ("percent", "none")
+_ID_ESCAPES = {c: f"%{ord(c):02X}" for c in "%.*> +#/"}
+_ID_TABLE = str.maketrans(_ID_ESCAPES)
+_ID_UNESCAPE = re.compile("%(" + "|".join(f"{ord(c):02X}" for c in "%.*> +#/$") + ")",
+                          re.IGNORECASE)
+
+
+def encode_id(cid: str) -> str:
+    """``cid`` as a topic level safe on every supported broker (reversible)."""
+    out = cid.translate(_ID_TABLE)
+    return "%24" + out[1:] if out.startswith("$") else out
+
+
+def decode_id(level: str) -> str:
+    """The charge point id a topic level written by :func:`encode_id` stands for.
+
+    Hex digits are read in either case, ``%24`` anywhere, and characters a backend wrote
+    without escaping are taken as they are (``CP.dot`` on Mosquitto); a ``%`` that starts
+    no escape of the table stays a ``%``."""
+    if "%" not in level:
+        return level
+    return _ID_UNESCAPE.sub(lambda m: chr(int(m[1], 16)), level)
+
+
+def id_codec(encoding: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    """(encode, decode) for an ``ocpp.topic_id_encoding`` value."""
+    if encoding == "percent":
+        return encode_id, decode_id
+    if encoding == "none":
+        return _same, _same
+    raise ValueError(f"unknown topic id encoding {encoding!r} (known: {', '.join(ID_ENCODINGS)})")
+
+
+def _same(text: str) -> str:
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +264,10 @@ class Router:
 
     def __init__(self, *, mountpoint: str, upstream_topic: str,
                  upstream_topic_overrides: Mapping[str, str], reply_topic: str,
-                 error_topic: str, dnstream_topic: str) -> None:
+                 error_topic: str, dnstream_topic: str, id_encoding: str = "percent") -> None:
         self.mountpoint = mountpoint
+        # ocpp.topic_id_encoding: how ${cid} is written in a topic and read back.
+        self.encode_id, self.decode_id = id_codec(id_encoding)
         self._call = compile_template(upstream_topic, UPSTREAM_PLACEHOLDERS)
         self._per_action = {a: compile_template(t, UPSTREAM_PLACEHOLDERS)
                             for a, t in upstream_topic_overrides.items()}
@@ -249,7 +301,7 @@ class Router:
             template = self._reply
         else:
             template = self._error
-        values = {"cid": cid, "proto": proto, "type": str(int(msg.type_id)),
+        values = {"cid": self.encode_id(cid), "proto": proto, "type": str(int(msg.type_id)),
                   "action": action if action is not None else "", "id": msg.unique_id}
         if "action" in template.names:
             _safe_level_value("Action", values["action"])
@@ -267,4 +319,42 @@ class Router:
         for i, (got, want) in enumerate(zip(levels, self._down_levels, strict=True)):
             if i != self._down_level and got != want:
                 return None
-        return levels[self._down_level] or None
+        return self.decode_id(levels[self._down_level]) or None
+
+    # -- logs --------------------------------------------------------------------------
+
+    def charge_point_of(self, topic: str, also: Iterable[str] = ()) -> str | None:
+        """The charge point id in an upstream ``topic`` (for log lines), by the
+        upstream templates and the templates ``also`` names (e.g. the event topic's);
+        None if none of them matches or has ``${cid}``."""
+        if not topic.startswith(self.mountpoint):
+            return None
+        rest = topic[len(self.mountpoint):]
+        extra = []
+        for text in also:
+            try:
+                extra.append(compile_template(text, UPSTREAM_PLACEHOLDERS | EVENT_PLACEHOLDERS
+                                              | STATUS_PLACEHOLDERS))
+            except ValueError:
+                continue
+        for template in (*self._per_action.values(), self._call, self._reply, self._error,
+                         *extra):
+            m = _matcher(template).fullmatch(rest)
+            if m is not None and "cid" in m.groupdict():
+                return self.decode_id(m["cid"])
+        return None
+
+
+def _matcher(template: TopicTemplate) -> re.Pattern[str]:
+    """A regular expression matching what ``template`` renders; each placeholder is one
+    group named after it (the first occurrence), matching within one topic level."""
+    pattern, seen = [], set()
+    for is_var, value in template.parts:
+        if not is_var:
+            pattern.append(re.escape(value))
+        elif value in seen:
+            pattern.append("[^/]*")
+        else:
+            seen.add(value)
+            pattern.append(f"(?P<{value}>[^/]*)")
+    return re.compile("".join(pattern))

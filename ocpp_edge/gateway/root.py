@@ -56,6 +56,7 @@ from ocpp_edge.south.listener import (
     LimitedHTTPServer,
     Listener,
     ServerOptions,
+    fit_to_open_files,
     make_application,
 )
 from ocpp_edge.store.diskbuffer import DiskBuffer
@@ -94,7 +95,7 @@ class Gateway:
             mountpoint=o.mountpoint, upstream_topic=o.upstream_topic,
             upstream_topic_overrides=o.upstream_topic_overrides,
             reply_topic=o.upstream_reply_topic, error_topic=o.upstream_error_topic,
-            dnstream_topic=o.dnstream_topic)
+            dnstream_topic=o.dnstream_topic, id_encoding=o.topic_id_encoding)
         # Opened now: a store left by a crash is recovered before anything else runs.
         self.buffer = DiskBuffer(b.dir, b.max_messages, b.max_bytes, b.overflow)
         self.buffer.on_dirty = self._schedule_commit
@@ -110,7 +111,8 @@ class Gateway:
         self.uplink = MqttUplink(
             host=m.host, port=m.port, client_id=m.client_id, username=m.username,
             password=m.password, qos=m.qos, clean_session=m.clean_session,
-            keepalive=m.keepalive, reconnect_delay_min=m.reconnect_delay_min,
+            protocol=m.protocol, session_expiry=m.session_expiry, keepalive=m.keepalive,
+            reconnect_delay_min=m.reconnect_delay_min,
             reconnect_delay_max=m.reconnect_delay_max, max_inflight=m.max_inflight,
             buffer=self.local.gated if self.local else self.buffer,
             subscriptions=[(self.router.dnstream_filter, 1)],
@@ -118,6 +120,8 @@ class Gateway:
             replay_rate=b.replay_rate,
             ssl_context=tls.client_context(m.cacertfile, m.certfile, m.keyfile,
                                            m.verify_hostname) if m.tls else None)
+        # The dead-letter log line names the charge point a refused message came from.
+        self.uplink.charge_point_of = self._charge_point_of
         # OCPP 2.0.1 Part 4 §6.3 (Local Controller): with close_stations, charge points are
         # only served while the upstream link is up.
         self.close_stations = o.upstream_down_policy == "close_stations"
@@ -195,6 +199,7 @@ class Gateway:
         if self.local is not None:
             self.local.start()
         path = self.settings.ocpp.path
+        fit_to_open_files(self.listeners)  # max_connections within RLIMIT_NOFILE
         for listener in self.listeners:
             listen = listener.settings.listen
             # idle_connection_timeout is Tornado's header timeout: the TLS handshake and
@@ -240,10 +245,13 @@ class Gateway:
 
     def status_text(self) -> str:
         """One line for ``systemctl status`` (sd_notify STATUS=)."""
-        n, k = len(self.connections), len(self.buffer)
+        # OCPP messages apart from the presence events waiting with them (ops/operations.py)
+        e = self.ops.buffered_events()
+        n, k = len(self.connections), len(self.buffer) - e
         return (f"{n} charge point{'' if n == 1 else 's'}, upstream "
                 f"{'connected' if self.uplink.connected else 'disconnected'}, "
-                f"{k} message{'' if k == 1 else 's'} buffered"
+                f"{k} message{'' if k == 1 else 's'}"
+                + (f" and {e} event{'' if e == 1 else 's'}" if e else "") + " buffered"
                 + (f", local mode ({self.local.offline.reason()})"
                    if self.local is not None and self.local.active else ""))
 
@@ -300,7 +308,7 @@ class Gateway:
             mountpoint=n.mountpoint, upstream_topic=n.upstream_topic,
             upstream_topic_overrides=n.upstream_topic_overrides,
             reply_topic=n.upstream_reply_topic, error_topic=n.upstream_error_topic,
-            dnstream_topic=n.dnstream_topic)
+            dnstream_topic=n.dnstream_topic, id_encoding=n.topic_id_encoding)
 
         # Apply.
         if router.dnstream_filter != self.router.dnstream_filter:
@@ -516,6 +524,10 @@ class Gateway:
             self._schedule_commit(max(1.0, self.settings.buffer.fsync_interval))  # disk full
         elif self.buffer.dirty:
             self._schedule_commit()
+
+    def _charge_point_of(self, topic: str) -> str | None:
+        event = self.settings.ocpp.event_topic
+        return self.router.charge_point_of(topic, (event,) if event else ())
 
     def _upstream_state(self, up: bool) -> None:
         self.ops.upstream_state(up)

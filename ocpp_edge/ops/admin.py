@@ -33,16 +33,31 @@ found"}`` when it was not. Deliberate differences from EMQX:
 * Authentication is one bearer token from a file (no API keys, no dashboard users), and
   none on loopback.
 
-Access control. Without a token (allowed only on a loopback address; the configuration
-check refuses a non-loopback ``admin.listen`` without ``admin.token_file``) every local
-user may read the status and kick charge points — as with EMQX's ``emqx ctl`` for root.
-A web page in a browser on the same host could still reach a loopback port by DNS
-rebinding, so tokenless requests must name the host by IP address or ``localhost`` in
-``Host`` (403 otherwise). With a token, every endpoint but ``/healthz`` requires
-``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate: Bearer`` otherwise);
-``/healthz`` stays open so that probes need no secret, and tells nothing but ok / why not.
-The token travels in clear over plain HTTP: on an untrusted network, reach the endpoint
-through an SSH tunnel or a VPN.
+Access control. Two ways in, each with its own rule:
+
+* The Unix socket ``admin.socket`` (``/run/ocpp-edge/admin.sock``, mode 0660 in a 0750
+  directory of the service's user and group): whoever may connect to it may do
+  everything, with no token. The kernel checks the file's permissions, so that is root
+  and the members of the ``ocpp-edge`` group; a browser cannot reach it, and nobody can
+  take its place while the gateway is down (a TCP port above 1024 could be taken by
+  any user, who would then receive ``ctl``'s requests and a token). Each change made
+  through it is logged with the caller's uid and pid (``SO_PEERCRED``).
+* TCP, ``admin.listen``. Without a token (allowed only on a loopback address; the
+  configuration check refuses a non-loopback ``admin.listen`` without
+  ``admin.token_file``) every local user may *read* (GET): status, charge points,
+  metrics. Requests that change something (``DELETE``, kick) get 403 ``FORBIDDEN`` naming
+  the socket: on a shared controller any local user, ``nobody`` included, could otherwise
+  disconnect charge points. A web page in a browser on the same host could reach a
+  loopback port by DNS rebinding, so tokenless requests must name the host by IP address
+  or ``localhost`` in ``Host`` (403 otherwise). With a token, every endpoint but
+  ``/healthz`` requires ``Authorization: Bearer <token>`` (401 with ``WWW-Authenticate:
+  Bearer`` otherwise), and the token allows changes too; ``/healthz`` stays open so that
+  probes need no secret, and tells nothing but ok / why not. The token travels in clear
+  over plain HTTP: on an untrusted network, reach the endpoint through an SSH tunnel or a
+  VPN.
+
+Each server holds :data:`MAX_CONNECTIONS` connections at most (more are closed at once):
+the admin endpoint must not use up the file descriptors the charge points need.
 """
 
 from __future__ import annotations
@@ -51,18 +66,24 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
+import socket
+import struct
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import tornado.httpserver
+import tornado.iostream
 import tornado.web
-from tornado.netutil import bind_sockets
+from tornado.netutil import bind_sockets, bind_unix_socket
 
 from ocpp_edge.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("ocpp_edge.admin")
 
 API = "/api/v1"
+MAX_CONNECTIONS = 16  # per server (TCP, Unix socket): a few ctl calls and a scraper
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # the others change something: see the docstring
 
 
 class AdminView(Protocol):
@@ -138,21 +159,31 @@ def _ip_or_localhost(host_header: str) -> bool:
 class _Handler(tornado.web.RequestHandler):
     public = False  # True: no token needed (/healthz)
 
-    def initialize(self, view: AdminView, token: bytes | None) -> None:
+    def initialize(self, view: AdminView, token: bytes | None, unix_socket: str | None,
+                   via_socket: bool = False) -> None:
         self.view = view
         self.token = token
+        self.unix_socket = unix_socket  # admin.socket, to name in refusals
+        self.via_socket = via_socket  # this request came through it: its mode decided
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
 
     def prepare(self) -> None:
-        if self.public:
+        if self.public or self.via_socket:
             return
         if self.token is None:
             if not _ip_or_localhost(self.request.host):
                 raise ApiError(403, "FORBIDDEN", "address the gateway by IP address or "
                                "localhost (requests by host name need admin.token_file)")
+            method = self.request.method or ""
+            if method not in SAFE_METHODS and method in self.allowed_methods():
+                where = f"the admin socket {self.unix_socket}" if self.unix_socket else \
+                    "the admin socket (admin.socket)"
+                raise ApiError(403, "FORBIDDEN", f"{method} changes the gateway: use {where}"
+                               " as root or a member of its group (sudo ocpp-edge ctl ...), "
+                               "or set admin.token_file and send the token")
             return
         header = self.request.headers.get("Authorization", "")
         if not header:
@@ -163,6 +194,25 @@ class _Handler(tornado.web.RequestHandler):
         # Constant time: the comparison must not tell how much of a guess was right.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.token):
             raise ApiError(401, "UNAUTHORIZED", "wrong admin token")
+
+    def caller(self) -> str:
+        """Who sent this request, for the log: the address, or through the socket the
+        peer's uid and pid (SO_PEERCRED)."""
+        if not self.via_socket:
+            return f"from {self.request.remote_ip}"
+        try:
+            sock = self.request.connection.stream.socket  # type: ignore[union-attr]
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except (AttributeError, OSError):
+            return f"through {self.unix_socket}"
+        try:
+            import pwd
+
+            name = f" ({pwd.getpwuid(uid).pw_name})"
+        except (ImportError, KeyError):
+            name = ""
+        return f"through {self.unix_socket} by uid {uid}{name}, pid {pid}"
 
     def send_json(self, obj: object, status: int = 200) -> None:
         self.set_status(status)
@@ -222,8 +272,7 @@ class _ClientHandler(_Handler):
     def delete(self, cid: str) -> None:
         if not self.view.kick(cid):
             raise ApiError(404, *_CLIENT_NOT_FOUND)
-        log.info("cp %s: kicked through the admin endpoint (from %s)", cid,
-                 self.request.remote_ip)
+        log.info("cp %s: kicked through the admin endpoint (%s)", cid, self.caller())
         self.set_status(204)
         self.finish()
 
@@ -266,9 +315,12 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
                 1000.0 * handler.request.request_time())
 
 
-def make_admin_app(view: AdminView, token: str | None) -> tornado.web.Application:
-    """The admin endpoint's routes; ``token`` None means loopback without a token."""
-    args = {"view": view, "token": token.encode() if token is not None else None}
+def make_admin_app(view: AdminView, token: str | None, unix_socket: str | None = None,
+                   via_socket: bool = False) -> tornado.web.Application:
+    """The admin endpoint's routes; ``token`` None means loopback without a token (reads
+    only). ``via_socket``: the application of the Unix socket ``unix_socket``."""
+    args = {"view": view, "token": token.encode() if token is not None else None,
+            "unix_socket": unix_socket, "via_socket": via_socket}
     cid = r"/([^/]+)"  # one path segment, percent-decoded by Tornado
     return tornado.web.Application(
         [
@@ -282,13 +334,53 @@ def make_admin_app(view: AdminView, token: str | None) -> tornado.web.Applicatio
         log_function=_log_request)
 
 
+class _AdminHTTPServer(tornado.httpserver.HTTPServer):
+    """At most :data:`MAX_CONNECTIONS` connections at once; more are closed at once."""
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: Any) -> None:
+        if len(getattr(self, "_connections", ())) >= MAX_CONNECTIONS:
+            log.debug("admin: %d connections open; closing a new one", MAX_CONNECTIONS)
+            stream.close()
+            return
+        super().handle_stream(stream, address)
+
+
+def _server(app: tornado.web.Application) -> tornado.httpserver.HTTPServer:
+    return _AdminHTTPServer(app, xheaders=False, idle_connection_timeout=60.0,
+                            body_timeout=10.0, max_body_size=64 * 1024,
+                            max_header_size=16 * 1024)
+
+
 def start_admin_server(view: AdminView, host: str, port: int, token: str | None,
+                       unix_socket: str | None = None,
                        ) -> tuple[tornado.httpserver.HTTPServer, int]:
     """Listen on ``host:port`` (port 0: any free port) in the running IOLoop; returns the
-    server (``stop()`` it on shutdown) and the bound port. Raises OSError (port taken)."""
-    server = tornado.httpserver.HTTPServer(
-        make_admin_app(view, token), xheaders=False, idle_connection_timeout=60.0,
-        body_timeout=10.0, max_body_size=64 * 1024, max_header_size=16 * 1024)
+    server (``stop()`` it on shutdown) and the bound port. Raises OSError (port taken).
+    ``unix_socket``: the admin socket's path, named in refusals of changes."""
+    server = _server(make_admin_app(view, token, unix_socket))
     sockets = bind_sockets(port, address=host or None)
     server.add_sockets(sockets)
     return server, sockets[0].getsockname()[1]
+
+
+class AdminSocket:
+    """The admin endpoint on the Unix socket ``path``, mode 0660: root and the group may
+    do everything (module docstring). ``close()`` stops it and removes the file."""
+
+    def __init__(self, view: AdminView, path: str) -> None:
+        self.path = path
+        # Replaces a socket a previous run left behind; ValueError for any other file.
+        sock = bind_unix_socket(path, mode=0o660)
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
+        self.server = _server(make_admin_app(view, None, path, via_socket=True))
+        self.server.add_sockets([sock])
+
+    def close(self) -> None:
+        self.server.stop()
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:  # ours, not a newer gateway's
+                os.unlink(self.path)
+        except OSError:
+            pass

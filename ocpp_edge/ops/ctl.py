@@ -2,14 +2,19 @@
 
 ::
 
-    ocpp-edge ctl [--url URL] [--token-file FILE] [--config FILE] [--json] [--timeout S]
-                  status | clients | client CID | kick CID
+    ocpp-edge ctl [--url URL] [--socket PATH] [--token-file FILE] [--config FILE] [--json]
+                  [--timeout S] status | clients | client CID | kick CID
 
 Standard library only, so that it starts fast and works wherever the gateway runs. The
-endpoint is found in this order: ``--url``; ``admin.listen`` (and ``admin.token_file``)
-in the configuration file, ``/etc/ocpp-edge.conf`` by default; ``http://127.0.0.1:33080``.
-A configuration file this user may not read (it holds the MQTT password and is often
-``0640``) is not an error: the default address is tried.
+admin socket (``--socket``, else ``admin.socket`` in the configuration file, else
+``/run/ocpp-edge/admin.sock``) is used when this user may connect to it: root and the
+members of the service's group, who may also kick. Otherwise (and always with ``--url``
+but no ``--socket``) the TCP endpoint is asked, found in this order: ``--url``;
+``admin.listen`` (and ``admin.token_file``) in the configuration file,
+``/etc/ocpp-edge.conf`` by default; ``http://127.0.0.1:33080``. Over TCP anyone local may
+read, but a kick needs the admin token (ops/admin.py). A configuration file this user may
+not read (it holds the MQTT password and is often ``0640``) is not an error: the defaults
+are tried.
 
 Output is for people by default (durations like ``3h12m``, sizes like ``1.5 MB`` with
 1 MB = 1024 KB as in the configuration file); ``--json`` prints the endpoint's JSON
@@ -22,8 +27,10 @@ The fields shown (missing ones print as ``-``):
 
 * status: ``version``, ``started_at``, ``uptime_seconds``, ``config.file``,
   ``config.loaded_at``, ``upstream.state`` / ``.server`` / ``.since`` / ``.reconnects`` /
-  ``.replay_rate``, ``charge_points.connected``, ``buffer.messages`` / ``.bytes`` /
-  ``.oldest_age_seconds`` / ``.dropped`` / ``.max_messages`` / ``.max_bytes``,
+  ``.replay_rate``, ``charge_points.connected``, ``buffer.messages`` / ``.events`` /
+  ``.bytes`` /
+  ``.oldest_age_seconds`` / ``.dropped`` / ``.dead_letters`` / ``.max_messages`` /
+  ``.max_bytes``,
   ``listeners[].name`` / ``.url`` / ``.connections``, and with the local policy
   ``local_mode.active`` / ``.reason`` / ``.since`` / ``.answers`` /
   ``.answered_awaiting_backend`` / ``.disagreements`` / ``.transactions_open`` / ``.held``.
@@ -49,6 +56,7 @@ from typing import Any
 DEFAULT_CONFIG = "/etc/ocpp-edge.conf"
 DEFAULT_LISTEN = "127.0.0.1:33080"
 DEFAULT_URL = "http://127.0.0.1:33080"
+DEFAULT_SOCKET = "/run/ocpp-edge/admin.sock"
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNKNOWN_CLIENT = 0, 1, 2, 3
 
@@ -158,12 +166,17 @@ def render_status(st: dict, now: float) -> str:
     if state == "connected" and isinstance(rate, int | float) and rate >= 0.05:
         link += f", publishing {rate:.1f} msg/s" if rate < 10 else \
             f", publishing {rate:.0f} msg/s"
-    messages = buf.get("messages")
-    buffer = f"{_show(messages)} message{'s' if messages != 1 else ''}, " \
-             f"{fmt_bytes(buf.get('bytes'))}"
+    messages, events = buf.get("messages"), buf.get("events")
+    buffer = f"{_show(messages)} message{'s' if messages != 1 else ''}, "
+    if events:  # presence and offline events, counted apart from the OCPP messages
+        buffer += f"{events} event{'s' if events != 1 else ''}, "
+    buffer += fmt_bytes(buf.get("bytes"))
     if buf.get("oldest_age_seconds") is not None:
         buffer += f", oldest {fmt_duration(buf['oldest_age_seconds'])}"
     buffer += f", {_show(buf.get('dropped'))} dropped"
+    if buf.get("dead_letters") is not None:  # messages the broker would not take
+        dead = buf["dead_letters"]
+        buffer += f", {dead} dead letter{'' if dead == 1 else 's'}"
     if buf.get("max_messages") is not None or buf.get("max_bytes") is not None:
         buffer += f" (limits {_show(buf.get('max_messages'))} messages, " \
                   f"{fmt_bytes(buf.get('max_bytes'))})"
@@ -276,8 +289,9 @@ def url_from_listen(value: str) -> str | None:
     return f"http://{host}:{int(port)}"
 
 
-def _read_config(path: str, explicit: bool) -> tuple[str | None, str | None]:
-    """(admin.listen, admin.token_file) from the configuration file, or (None, None)."""
+def _read_config(path: str, explicit: bool) -> tuple[str | None, str | None, str | None]:
+    """(admin.listen, admin.token_file, admin.socket) from the configuration file, or
+    (None, None, DEFAULT_SOCKET); admin.socket None: off."""
     try:
         import configobj
 
@@ -285,12 +299,15 @@ def _read_config(path: str, explicit: bool) -> tuple[str | None, str | None]:
     except Exception as exc:  # missing, unreadable, unparsable: the defaults will do
         if explicit:
             why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            print(f"ocpp-edge ctl: cannot read {path} ({why}); trying {DEFAULT_URL}",
-                  file=sys.stderr)
-        return None, None
+            print(f"ocpp-edge ctl: cannot read {path} ({why}); trying {DEFAULT_SOCKET}, "
+                  f"then {DEFAULT_URL}", file=sys.stderr)
+        return None, None, DEFAULT_SOCKET
     listen, token_file = cfg.get("admin.listen", DEFAULT_LISTEN), cfg.get("admin.token_file")
+    sock = cfg.get("admin.socket", DEFAULT_SOCKET)
+    sock = sock.strip() if isinstance(sock, str) else DEFAULT_SOCKET
     return (listen if isinstance(listen, str) else DEFAULT_LISTEN,
-            token_file if isinstance(token_file, str) and token_file.strip() else None)
+            token_file if isinstance(token_file, str) and token_file.strip() else None,
+            None if sock.lower() in ("", "off") else sock)
 
 
 def read_token(path: str) -> str:
@@ -314,6 +331,7 @@ class _Answer:
     def __init__(self, status: int, body: bytes) -> None:
         self.status = status
         self.body = body
+        self.note = ""  # added to an error message: why the admin socket was not used
 
     def json(self, url: str) -> Any:
         try:
@@ -321,6 +339,52 @@ class _Answer:
         except ValueError:
             raise CtlError(f"unexpected answer from {url} (HTTP {self.status}, not JSON): "
                            "is that ocpp-edge's admin endpoint?") from None
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the admin socket (``Host: localhost``)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def socket_problem(path: str, timeout: float) -> str | None:
+    """Why this user cannot use the admin socket ``path`` (None: it can)."""
+    try:
+        conn = _UnixConnection(path, timeout)
+        conn.connect()
+        conn.close()
+    except PermissionError:
+        return "permission denied (root and the members of its group may use it)"
+    except FileNotFoundError:
+        return "it does not exist (is ocpp-edge running?)"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
+
+
+def _request_unix(path: str, method: str, url_path: str, timeout: float) -> _Answer:
+    conn = _UnixConnection(path, timeout)
+    try:
+        conn.request(method, url_path, headers={"Accept": "application/json",
+                                                "User-Agent": "ocpp-edge-ctl"})
+        resp = conn.getresponse()
+        return _Answer(resp.status, resp.read())
+    except (OSError, http.client.HTTPException) as exc:
+        raise _unreachable(f"the admin socket {path}", exc, timeout) from None
+    finally:
+        conn.close()
 
 
 def _request(base: str, method: str, path: str, token: str | None,
@@ -382,7 +446,8 @@ def _error_message(answer: _Answer, base: str, had_token: bool) -> CtlError:
         return CtlError(f"the gateway at {base} requires the admin token (HTTP 401): pass "
                         "--token-file FILE, or --config FILE with admin.token_file")
     detail = message or answer.body[:200].decode("utf-8", "replace").strip() or "no details"
-    return CtlError(f"the gateway at {base} answered HTTP {answer.status}: {detail}")
+    return CtlError(f"the gateway at {base} answered HTTP {answer.status}: {detail}"
+                    f"{answer.note}")
 
 
 # -- command line ------------------------------------------------------------------------
@@ -394,6 +459,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help=f"admin endpoint (default: from admin.listen, else {DEFAULT_URL})")
+    common.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"admin socket (default: admin.socket, else {DEFAULT_SOCKET}); "
+                             "used when this user may connect to it")
     common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
                         help="file holding the admin token (default: admin.token_file)")
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="FILE",
@@ -439,24 +507,48 @@ def _run(args: argparse.Namespace) -> int:
         raise CtlError("--timeout must be a positive number of seconds", EXIT_USAGE)
     url = getattr(args, "url", None)
     token_file = getattr(args, "token_file", None)
-    if url is None or token_file is None:
-        config = getattr(args, "config", None)
-        listen, config_token = _read_config(config or DEFAULT_CONFIG, config is not None)
+    sock = getattr(args, "socket", None)
+    explicit_socket = sock is not None
+    listen: str | None = None
+    config = getattr(args, "config", None)
+    if url is None or token_file is None or sock is None:
+        listen, config_token, config_socket = _read_config(config or DEFAULT_CONFIG,
+                                                           config is not None)
+        if token_file is None:
+            token_file = config_token
+        if sock is None and url is None:  # an explicit --url means TCP
+            sock = config_socket
+    # The admin socket when this user may use it (it also allows kicks), else TCP.
+    unusable = None
+    if sock is not None:
+        unusable = socket_problem(sock, timeout)
+        if unusable is not None and explicit_socket:
+            raise CtlError(f"cannot use the admin socket {sock}: {unusable}")
+    if sock is not None and unusable is None:
+        base = f"the admin socket {sock}"
+        token = None
+
+        def call(method: str, path: str) -> _Answer:
+            return _request_unix(sock, method, path, timeout)
+    else:
         if url is None:
             url = DEFAULT_URL if listen is None else url_from_listen(listen)
             if url is None:
                 raise CtlError(f"the admin endpoint is disabled in {config or DEFAULT_CONFIG}"
-                               " (admin.listen = off); enable it or pass --url")
-        if token_file is None:
-            token_file = config_token
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise CtlError(f"--url {url!r} is not an http:// URL", EXIT_USAGE)
-    base = url.rstrip("/")
-    token = read_token(token_file) if token_file else None
+                               " (admin.listen = off) and the admin socket cannot be used"
+                               + (f" ({sock}: {unusable})" if sock else "")
+                               + "; enable one or pass --url")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise CtlError(f"--url {url!r} is not an http:// URL", EXIT_USAGE)
+        base = url.rstrip("/")
+        token = read_token(token_file) if token_file else None
 
-    def call(method: str, path: str) -> _Answer:
-        return _request(base, method, path, token, timeout)
+        def call(method: str, path: str) -> _Answer:
+            answer = _request(base, method, path, token, timeout)
+            if answer.status == 403 and method != "GET" and sock is not None and unusable:
+                answer.note = f" (cannot use the admin socket {sock}: {unusable})"
+            return answer
 
     out = sys.stdout
     if args.command in ("status", "clients"):

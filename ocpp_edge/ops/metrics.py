@@ -308,11 +308,11 @@ class GatewayMetrics:
     ======================================== ==================================================
 
     Read when scraped (callbacks given to :meth:`bind`): ``ocpp_edge_charge_points_connected``,
-    ``ocpp_edge_buffer_messages``, ``ocpp_edge_buffer_bytes``,
-    ``ocpp_edge_buffer_oldest_age_seconds``, ``ocpp_edge_buffer_dropped_total``,
-    ``ocpp_edge_upstream_connected``, ``ocpp_edge_upstream_published_total``,
-    ``ocpp_edge_upstream_replay_rate``. Always present: ``ocpp_edge_build_info{version}``
-    and ``ocpp_edge_start_time_seconds``.
+    ``ocpp_edge_buffer_messages`` (OCPP messages), ``ocpp_edge_buffer_events`` (presence
+    and offline events), ``ocpp_edge_buffer_bytes``, ``ocpp_edge_buffer_oldest_age_seconds``,
+    ``ocpp_edge_buffer_dropped_total``, ``ocpp_edge_upstream_connected``,
+    ``ocpp_edge_upstream_published_total``, ``ocpp_edge_upstream_replay_rate``. Always
+    present: ``ocpp_edge_build_info{version}`` and ``ocpp_edge_start_time_seconds``.
 
     ``direction`` is ``upstream`` (charge point → backend) or ``dnstream`` (backend →
     charge point), as in the configuration keys. A message is counted in the direction it
@@ -323,8 +323,9 @@ class GatewayMetrics:
     it), ``kicked``, ``discarded`` (replaced by a new connection with the same id),
     ``keepalive_timeout`` (heartbeat checking), ``shutdown``, ``upstream_down``,
     ``internal_error``, ``closed``. Refusals: ``auth`` (401/403), ``unknown_id`` (404),
-    ``too_many_failures`` (429), ``max_connections``, ``max_conn_rate``. Anything not
-    shaped like an identifier is counted as ``other``.
+    ``too_many_failures`` (429), ``max_connections``, ``max_conn_rate``, ``open_files``
+    (the process's share of ``RLIMIT_NOFILE`` is used up), ``tls_handshake`` (the TLS
+    handshake failed). Anything not shaped like an identifier is counted as ``other``.
     """
 
     def __init__(self, version: str, start_time: float) -> None:
@@ -375,11 +376,14 @@ class GatewayMetrics:
              buffer_messages: Callable[[], Reading], buffer_bytes: Callable[[], Reading],
              buffer_oldest_age: Callable[[], Reading], buffer_dropped: Callable[[], Reading],
              upstream_connected: Callable[[], Reading], published: Callable[[], Reading],
-             replay_rate: Callable[[], Reading]) -> None:
+             replay_rate: Callable[[], Reading],
+             buffer_events: Callable[[], Reading] | None = None) -> None:
         """Name where the values read at scrape time come from (once, at start-up).
 
         ``buffer_oldest_age`` returns None while the buffer is empty;
         ``upstream_connected`` a bool; ``replay_rate`` messages/s (see :class:`RateMeter`).
+        ``buffer_messages`` counts OCPP messages, ``buffer_events`` the presence (and
+        offline) events waiting in the buffer with them.
         """
         if self._bound:
             raise RuntimeError("GatewayMetrics.bind() called twice")
@@ -388,8 +392,12 @@ class GatewayMetrics:
         r.gauge_func("ocpp_edge_charge_points_connected",
                      "Charge points connected now.", charge_points)
         r.gauge_func("ocpp_edge_buffer_messages",
-                     "Upstream messages in the disk buffer, not yet acknowledged by the "
-                     "broker.", buffer_messages)
+                     "Upstream OCPP messages in the disk buffer, not yet acknowledged by "
+                     "the broker.", buffer_messages)
+        if buffer_events is not None:
+            r.gauge_func("ocpp_edge_buffer_events",
+                         "Presence and offline events in the disk buffer (not counted in "
+                         "ocpp_edge_buffer_messages).", buffer_events)
         r.gauge_func("ocpp_edge_buffer_bytes", "Bytes held by the disk buffer.", buffer_bytes)
         r.gauge_func("ocpp_edge_buffer_oldest_age_seconds",
                      "Age of the oldest message in the disk buffer (absent when empty).",
@@ -406,6 +414,15 @@ class GatewayMetrics:
         r.gauge_func("ocpp_edge_upstream_replay_rate",
                      "Messages per second published to the broker lately, backlog replay "
                      "included.", replay_rate)
+
+    def bind_dead_letters(self, dead_letters: Callable[[], Reading]) -> None:
+        """``ocpp_edge_upstream_dead_letters_total``: the rows of the buffer's dead-letter
+        table (messages the broker would not take, north/uplink.py), read when scraped."""
+        self.registry.counter_func(
+            "ocpp_edge_upstream_dead_letters_total",
+            "Messages the broker would not take (it dropped the connection each time one "
+            "was published), moved to the buffer's dead-letter table; the table's rows, "
+            "kept across restarts.", dead_letters)
 
     def bind_local_mode(self, stats: Callable[[], Any]) -> None:
         """Offline operation's figures (ocpp.upstream_down_policy = local), read from

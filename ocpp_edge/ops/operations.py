@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import re
 import time
 from collections import deque
@@ -46,10 +47,10 @@ from typing import Any
 
 from ocpp_edge import __version__
 from ocpp_edge.core.ocppj.messages import Call, CallError, CallResultError, Message, MessageType
-from ocpp_edge.core.router import TopicError, TopicTemplate, compile_template
+from ocpp_edge.core.router import TopicError, TopicTemplate, compile_template, id_codec
 from ocpp_edge.north import presence
 from ocpp_edge.north.uplink import StatusTopic
-from ocpp_edge.ops.admin import rfc3339, start_admin_server
+from ocpp_edge.ops.admin import AdminSocket, rfc3339, start_admin_server
 from ocpp_edge.ops.metrics import DNSTREAM, UPSTREAM, GatewayMetrics, RateMeter
 from ocpp_edge.ops.view import GatewayView, LocalModeStats, PeerInfo, SessionStats
 
@@ -103,6 +104,29 @@ class BacklogClock:
         if not self._samples:
             return None
         return max(0.0, now - self._samples[0][1])
+
+
+class EventTally:
+    """How many of the records in the buffer are events (presence, offline), not OCPP
+    messages, from the buffer's length alone, as :class:`BacklogClock` reads ages: the
+    buffer is a FIFO, so the ``n``-th record ever accepted is still in it while ``n >=
+    accepted - len + 1``. One int per buffered event. While the buffer overflows (and
+    drops events before transaction messages) the count can be high by the events
+    dropped; records found at start-up count as messages.
+    """
+
+    def __init__(self) -> None:
+        self._ordinals: deque[int] = deque()
+
+    def appended(self, ordinal: int) -> None:
+        self._ordinals.append(ordinal)
+
+    def count(self, accepted: int, length: int) -> int:
+        ordinals = self._ordinals
+        oldest = accepted - length + 1
+        while ordinals and ordinals[0] < oldest:
+            ordinals.popleft()
+        return min(len(ordinals), max(0, length))
 
 
 class _Client:
@@ -165,6 +189,7 @@ class Operations:
         self.stopping = False
         self.admin_server: Any = None
         self.admin_port: int | None = None
+        self.admin_socket: AdminSocket | None = None
         self._clients: dict[str, _Client] = {}
         self._retired = {"timeouts_upstream": 0, "timeouts_dnstream": 0}
         self._passed: dict[tuple, int] = {}  # totals read elsewhere, as given to metrics
@@ -174,14 +199,17 @@ class Operations:
         self._buffer = buffer = view.buffer  # the same object for the gateway's life
         uplink = view.uplink
         self._backlog = BacklogClock(len(buffer), time.monotonic())
+        self._events = EventTally()
         self._rate = RateMeter(lambda: uplink.published, time.monotonic)
         self.metrics.bind(
             charge_points=lambda: view.charge_points,
-            buffer_messages=lambda: len(buffer), buffer_bytes=lambda: buffer.bytes,
+            buffer_messages=lambda: len(buffer) - self.buffered_events(),
+            buffer_events=self.buffered_events, buffer_bytes=lambda: buffer.bytes,
             buffer_oldest_age=lambda: self._backlog.oldest_age(len(buffer), time.monotonic()),
             buffer_dropped=lambda: buffer.dropped,
             upstream_connected=lambda: uplink.connected,
             published=lambda: uplink.published, replay_rate=self._rate.rate)
+        self.metrics.bind_dead_letters(lambda: buffer.dead_letters)
         if view.local_mode() is not None:
             self.metrics.bind_local_mode(view.local_mode)
         status = self._render(view.settings.ocpp.status_topic, {"node": self.node})
@@ -207,23 +235,48 @@ class Operations:
         admin = self.view.settings.admin
         if admin.listen is None:
             log.info("admin endpoint off (admin.listen = off)")
-            return
-        host = admin.listen.host
+        else:
+            host = admin.listen.host
+            try:
+                self.admin_server, self.admin_port = start_admin_server(
+                    self, host, admin.listen.port, admin.token, admin.socket)
+            except OSError as exc:  # the CLI logs it and exits 1: name the key to change
+                raise OSError(exc.errno, f"admin.listen = {host}:{admin.listen.port}: "
+                              f"{exc.strerror or exc}") from None
+            shown = f"[{host}]" if ":" in host else host
+            log.info("admin endpoint on http://%s:%d (%s)", shown, self.admin_port,
+                     "bearer token required" if admin.token else
+                     "no token: loopback only, reading only")
+        if admin.socket is not None:
+            self._start_socket(admin.socket)
+
+    def _start_socket(self, path: str) -> None:
+        # Without it the gateway still serves; kicks then need the token (or wait).
         try:
-            self.admin_server, self.admin_port = start_admin_server(
-                self, host, admin.listen.port, admin.token)
-        except OSError as exc:  # the CLI logs it and exits 1: name the key to change
-            raise OSError(exc.errno, f"admin.listen = {host}:{admin.listen.port}: "
-                          f"{exc.strerror or exc}") from None
-        shown = f"[{host}]" if ":" in host else host
-        log.info("admin endpoint on http://%s:%d (%s)", shown, self.admin_port,
-                 "bearer token required" if admin.token else "no token: loopback only")
+            self.admin_socket = AdminSocket(self, path)
+        except (OSError, ValueError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            log.warning("admin.socket = %s: cannot listen there (%s); until it can, "
+                        "changes through the admin endpoint (ctl kick) need "
+                        "admin.token_file", path, why)
+            return
+        try:
+            import grp
+
+            group = f"the {grp.getgrgid(os.getegid()).gr_name} group"
+        except (ImportError, KeyError):
+            group = f"group {os.getegid()}"
+        log.info("admin socket %s (mode 0660: root and %s may change things, e.g. "
+                 "ocpp-edge ctl kick)", path, group)
 
     def stop(self) -> None:
         self.stopping = True  # /healthz says so until the server is gone
         if self.admin_server is not None:
             self.admin_server.stop()
             self.admin_server = None
+        if self.admin_socket is not None:
+            self.admin_socket.close()
+            self.admin_socket = None
 
     def config_loaded(self) -> None:
         """The configuration was (re)loaded: call after ``Gateway.reload``."""
@@ -343,8 +396,10 @@ class Operations:
 
     def _event(self, cid: str, event: str, payload) -> None:
         try:
-            topic = self._render(self.view.settings.ocpp.event_topic,
-                                 {"cid": cid, "node": self.node, "event": event})
+            ocpp = self.view.settings.ocpp
+            encode = id_codec(ocpp.topic_id_encoding)[0]  # as the OCPP topics (router)
+            topic = self._render(ocpp.event_topic,
+                                 {"cid": encode(cid), "node": self.node, "event": event})
         except (TopicError, ValueError, KeyError) as exc:
             log.warning("cp %s: cannot publish the %s event: %s", cid, event, exc)
             return
@@ -352,6 +407,12 @@ class Operations:
             return
         if self.view.publish_event(topic, payload(time.time())):
             self._backlog.appended(len(self._buffer), time.monotonic())
+            self._events.appended(self._backlog.accepted)
+
+    def buffered_events(self) -> int:
+        """Presence and offline events among the records in the buffer (the rest are OCPP
+        messages): STATUS=, ``ctl status`` and /metrics count them apart."""
+        return self._events.count(self._backlog.accepted, len(self._buffer))
 
     def local_event(self, cid: str, event: str, fields: dict[str, Any]) -> None:
         """An offline-operation event for the backend (e.g. ``local_answer_overruled``),
@@ -384,10 +445,12 @@ class Operations:
                 "replay_rate": round(self._rate.rate(), 3)},
             "charge_points": {"connected": view.charge_points},
             "buffer": {
-                "messages": len(buffer), "bytes": buffer.bytes,
+                "messages": len(buffer) - self.buffered_events(),
+                "events": self.buffered_events(), "bytes": buffer.bytes,
                 "oldest_age_seconds": _round(self._backlog.oldest_age(
                     len(buffer), time.monotonic())),
-                "dropped": buffer.dropped, "max_messages": buffer.max_messages,
+                "dropped": buffer.dropped, "dead_letters": buffer.dead_letters,
+                "max_messages": buffer.max_messages,
                 "max_bytes": buffer.max_bytes, "dir": str(buffer.dir)},
             "listeners": [{"name": ls.key, "url": ls.url, "connections": ls.connections}
                           for ls in view.listeners()],

@@ -35,6 +35,11 @@ How:
 * A full disk (ENOSPC) never raises out of here: the failed batch stays in memory and is
   written again at the next commit; meanwhile the memory it may use is bounded and the
   overflow policy applies. Everything resumes when space returns.
+* Dead letters: a message the broker will not take (it drops the connection each time the
+  message is published, see north/uplink.py) is moved by ``dead_letter`` to the ``dead``
+  table, with the reason and the time, in the same commit that removes it from ``msg``:
+  it is never published again, survives restarts, and the messages behind it flow.
+  ``dead_letters`` counts the table's rows.
 * Recovery: SQLite replays its WAL to the last good commit by itself. A file that does not
   open or fails ``PRAGMA quick_check`` is moved aside (never deleted), every row that can
   still be read is copied into a fresh store, and the gateway starts regardless.
@@ -66,6 +71,13 @@ CREATE TABLE IF NOT EXISTS msg (
     important INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS msg_expendable ON msg (important, seq);
+CREATE TABLE IF NOT EXISTS dead (
+    seq INTEGER PRIMARY KEY,          -- the message's seq in msg
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL,             -- why the gateway gave up on it
+    time REAL NOT NULL                -- when, in seconds since the Unix epoch
+);
 """
 
 
@@ -104,6 +116,8 @@ class DiskBuffer:
             " coalesce(max(seq), 0) FROM msg").fetchone()
         self._count = count
         self.bytes = stored + count * RECORD_OVERHEAD
+        self.dead_letters = self._db.execute("SELECT count(*) FROM dead").fetchone()[0]
+        self._dead: list[tuple] = []  # dead-letter rows not committed yet
         self._next_seq = last_seq + 1
         self._cursor = 0  # every row with seq ≤ cursor has been handed out (or acked)
         self._in_flight: deque[Record] = deque()
@@ -162,11 +176,14 @@ class DiskBuffer:
                 os.replace(src, dst)
                 self.moved_aside.append(dst)
         rows = _salvage(aside) if aside.exists() else []
+        dead = _salvage_dead(aside) if aside.exists() else []
         db = self._connect(self.path)
-        if rows:
+        if rows or dead:
             db.execute("BEGIN")
             db.executemany("INSERT INTO msg (seq, topic, payload, important) VALUES (?,?,?,?)",
                            rows)
+            db.executemany("INSERT OR REPLACE INTO dead (seq, topic, payload, reason, time) "
+                           "VALUES (?,?,?,?,?)", dead)
             db.execute("COMMIT")
         self.salvaged = len(rows)
         log.error("buffer %s was damaged (%s): moved aside to %s; %d message(s) recovered "
@@ -276,6 +293,36 @@ class DiskBuffer:
             self.bytes -= head.size
             self._delete_upto = head.seq
             self._touch()
+
+    def dead_letter(self, rec: Record, reason: str) -> bool:
+        """Give up on ``rec`` (handed out by ``take``, not acknowledged): it moves to the
+        ``dead`` table with ``reason`` at the next commit and is never handed out again.
+        False if it was acknowledged (or given up on) already."""
+        if rec.acked:
+            return False
+        self._dead.append((rec.seq, rec.topic, rec.payload, reason, time.time()))
+        self.dead_letters += 1
+        flight = self._in_flight
+        if flight and flight[0] is rec:  # the usual case: the oldest message in flight
+            self.ack(rec)  # leaves msg with the acknowledged prefix, in the same commit
+            return True
+        # Anywhere else: out of msg as a message dropped by policy is (not counted as one).
+        rec.acked = True  # a failed commit never writes it again
+        try:
+            flight.remove(rec)
+        except ValueError:
+            pass
+        self._forget_ahead()
+        self._dropped.add(rec.seq)
+        if not self._failing:
+            try:
+                self._db.execute("DELETE FROM msg WHERE seq = ?", (rec.seq,))
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
+        self._count -= 1
+        self.bytes -= rec.size
+        self._touch()
+        return True
 
     def rewind(self) -> int:
         """The connection dropped: everything in flight becomes unsent again, in order."""
@@ -389,6 +436,9 @@ class DiskBuffer:
                                [(seq,) for seq in self._dropped])
             if self._delete_upto > self._deleted_upto:
                 db.execute("DELETE FROM msg WHERE seq <= ?", (self._delete_upto,))
+            if self._dead:
+                db.executemany("INSERT OR REPLACE INTO dead (seq, topic, payload, reason, "
+                               "time) VALUES (?,?,?,?,?)", self._dead)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._write_failed(exc)
@@ -400,6 +450,7 @@ class DiskBuffer:
             self._failing = False
             self._spill.clear()
         self._deleted_upto = self._delete_upto
+        self._dead.clear()
         self._uncommitted.clear()
         self._dropped.clear()
         self.dirty = False
@@ -449,6 +500,18 @@ class DiskBuffer:
                         self._drops_since_log, self.overflow, topic, self.dropped)
             self._last_drop_log = now
             self._drops_since_log = 0
+
+
+def _salvage_dead(path: Path) -> list[tuple]:
+    """The dead letters of a damaged store, if its dead table can still be read whole."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT seq, topic, payload, reason, time FROM dead").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
 
 
 def _salvage(path: Path, max_queries: int = 20_000) -> list[tuple]:
