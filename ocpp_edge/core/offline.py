@@ -25,9 +25,9 @@ the gateway does the I/O (publishing, committing, sending frames).
   (:meth:`upstream_payload`), downstream commands carrying the backend's id are rewritten
   to the local one (:meth:`downstream_call`). A message that needs a mapping not yet
   known is held (:data:`HOLD`) — with it that charge point's later ones, since order
-  is kept — until the answer arrives; the gateway bounds the wait (``ocpp.offline.hold_timeout``) and
-  then publishes it with the local id. The mapping ends when the transaction's
-  StopTransaction is answered by the backend.
+  is kept — until the answer arrives; the gateway bounds the wait
+  (``ocpp.offline.hold_timeout``) and then publishes it with the local id. The mapping
+  ends an hour after the transaction's StopTransaction is answered by the backend.
 
 Imports: the standard library and ``ocpp_edge.core`` only.
 """

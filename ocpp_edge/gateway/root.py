@@ -9,6 +9,10 @@
 
 ``south`` and ``north`` never import each other (tests/test_layout.py): the charge points
 keep being served while the broker is away, and upstream messages wait in the buffer.
+
+Length: the composition root carries every effect of the core out through both adapters,
+the group commit and reload; the offline glue (local.py) and the operations view
+(opsview.py) are already apart.
 """
 
 from __future__ import annotations

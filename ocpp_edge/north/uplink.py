@@ -30,6 +30,11 @@ queued by the broker and delivered after CONNACK; the subscription is made again
 connection all the same (the broker may have lost the session). A copy the broker
 redelivers (DUP) because our PUBACK was lost with the link is dropped once seen
 (``_on_message``). With MQTT 5 the window is also bounded by the broker's Receive Maximum.
+
+Length: paho on somebody else's event loop (socket registration, reads, connect and
+backoff), MQTT 3.1.1 and 5 sessions, publishing from the buffer and the refusal/dead-
+letter detection all act on the one connection's state; a split is the next refactor
+when it grows.
 """
 
 from __future__ import annotations

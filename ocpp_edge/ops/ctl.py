@@ -37,6 +37,10 @@ The fields shown (missing ones print as ``-``):
 * client: ``clientid``, ``username``, ``protocol``, ``listener``, ``ip_address``, ``port``,
   ``connected_at``, ``last_message_at``, ``messages_in``, ``messages_out``,
   ``pending_upstream``, ``pending_dnstream``, ``queue_len``.
+
+Length: a self-contained command (argument parsing, HTTP and Unix-socket transport, and
+the renderers of status, clients and client), run in its own process without importing
+the daemon.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ peer can influence (action names, error codes, close reasons) must look like ide
 and only the first few hundred distinct ones get their own series; anything else is
 counted as ``other``. No method takes a charge point id: per-charge-point figures are in
 ``GET /api/v1/clients``, not in metrics.
+
+Length: a dependency-free Prometheus text registry (counters, gauges, label limits,
+escaping) and the gateway's metric families with their help texts; one module so that
+every name and label is declared in one place.
 """
 
 from __future__ import annotations

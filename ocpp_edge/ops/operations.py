@@ -32,6 +32,10 @@ state, not history: published on every connection and as the will, never buffere
 ``set_status_topic``); the charge point events are appended to the disk buffer like OCPP
 messages (``publish_event``), so they keep their place among the charge point's messages
 on the wire.
+
+Length: one hook per gateway event, the admin view (status, clients, kick, health) and
+the presence events share the per-client records kept here; splitting them would split
+that state.
 """
 
 from __future__ import annotations

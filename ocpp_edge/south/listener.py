@@ -36,6 +36,10 @@ Limits (issue "Security"), each refusing the newcomer without disturbing anyone 
   naming the address and the reason, with a count of the rest once a minute
   (Tornado's own ``SSL Error`` lines are replaced by these), and counted as a refusal
   (``tls_handshake``).
+
+Length: the Tornado adapter for charge points: handshake rules, authentication hand-off,
+connection and open-file limits, the pausing accept loop and the TLS handshake log; all
+of it is the one listener's state.
 """
 
 from __future__ import annotations

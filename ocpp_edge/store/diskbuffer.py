@@ -43,6 +43,10 @@ How:
 * Recovery: SQLite replays its WAL to the last good commit by itself. A file that does not
   open or fails ``PRAGMA quick_check`` is moved aside (never deleted), every row that can
   still be read is copied into a fresh store, and the gateway starts regardless.
+
+Length: one SQLite store with its crash recovery (salvage of a damaged file), full-disk
+handling, group commits, the read-ahead queue and the dead-letter table; each needs the
+others' invariants, so they stay together.
 """
 
 from __future__ import annotations
