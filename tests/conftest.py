@@ -46,6 +46,19 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
+def eventually(fn, what: str, timeout: float = 10.0, interval: float = 0.02):
+    """fn()'s first truthy value, polled (the gateway acts asynchronously); an
+    AssertionError naming ``what`` and the last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}; last: {value!r}")
+        time.sleep(interval)
+
+
 async def ws_open(port: int, path: str, protocol: str | None = None):
     """A raw RFC 6455 client handshake on asyncio streams (for tests that then write
     frames byte by byte); returns (reader, writer) once the server answered 101."""

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Backend, GatewayProcess, free_port, wait_for_port
+from conftest import ROOT, Backend, GatewayProcess, eventually, free_port, wait_for_port
 from websockets.sync.client import connect as ws_connect
 
 STATUS_ON = "ocpp.upstream.status_topic = sys/${node}/status\n"
@@ -95,17 +95,6 @@ def get(base: str, path: str):
     with urllib.request.urlopen(base + path, timeout=10) as resp:
         body = resp.read()
     return json.loads(body) if path.startswith("/api") else body.decode()
-
-
-def wait_until(fn, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 # -- failure 2: a charge point id RabbitMQ / NATS would rewrite or refuse -----------------
@@ -240,8 +229,8 @@ def test_qos_2_on_nats_is_one_error_naming_the_key(nats, nats_backend, make_gate
         plain.send(heartbeat("q1"))
         gw.wait_log("mqtt.qos = 1", timeout=30)
         retries = gw.log_text().count("retrying in")
-        wait_until(lambda: gw.log_text().count("retrying in") >= retries + 3,
-                   "more reconnection attempts after the error")
+        eventually(lambda: gw.log_text().count("retrying in") >= retries + 3,
+                   "more reconnection attempts after the error", timeout=20)
     errors = error_lines(gw)
     assert len(errors) == 1, errors
     assert "mqtt.qos" in errors[0] and "QoS 2" in errors[0]

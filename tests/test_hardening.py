@@ -34,21 +34,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, GatewayProcess, free_port, wait_for_port, ws_open
+from conftest import ROOT, GatewayProcess, eventually, free_port, wait_for_port, ws_open
 
 PRESENCE_ON = ("ocpp.upstream.status_topic = sys/${node}/status\n"
                "ocpp.upstream.event_topic = sys/${node}/clients/${cid}/${event}\n")
-
-
-def eventually(fn, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}; last: {value!r}")
-        time.sleep(0.05)
 
 
 def python_m(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -9,12 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import ROOT, Backend, GatewayProcess, free_port
+from conftest import ROOT, Backend, GatewayProcess, eventually, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
@@ -65,18 +64,6 @@ def get(base: str, path: str):
     status, body = request(base, path)
     assert status == 200, (path, status, body)
     return body
-
-
-def eventually(fn, what: str, timeout: float = 10.0):
-    """fn()'s first truthy value (the gateway handles frames asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}; last: {value!r}")
-        time.sleep(0.02)
 
 
 def client(base: str, cid: str) -> dict | None:
