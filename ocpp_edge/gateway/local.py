@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ocpp_edge.offline")
 
+STARTUP_GRACE = 5.0  # s: away at start-up for longer than this is logged as local mode
 STATE_COMMIT_DELAY = 1.0  # s: what is learnt online is committed at most this late
 PRUNE_EVERY = 3600.0  # s
 
@@ -71,6 +72,7 @@ class LocalMode:
                                  self._hold_ran_out, self._charge_point_of)
         self.last_heard = float("-inf")  # loop time of the last message from the backend
         self.since = time.time()  # of the current state (local mode or not)
+        self._announced = False  # "local mode: ..." was logged and not yet ended
         self._answers: list[tuple[Session, str]] = []  # frames waiting for the commit
         self._waiting: set[str] = set()  # charge points with frames in _answers
         self._flush_handle: asyncio.Handle | None = None
@@ -94,6 +96,14 @@ class LocalMode:
 
     def start(self) -> None:
         self._prune()
+        # The gateway starts away (no link yet); that is news only if it lasts.
+        loop = self.gw.loop
+        if loop is not None:
+            loop.call_later(STARTUP_GRACE, self._announce_if_away)
+
+    def _announce_if_away(self) -> None:
+        if self.offline.active and not self._announced:
+            self._changed()
 
     def flush(self) -> None:
         """Answers waiting for their commit: commit and send them now."""
@@ -140,9 +150,12 @@ class LocalMode:
         self.since = time.time()
         reason = self.offline.reason()
         if reason is None:
-            log.warning("local mode ends: the backend is reachable again; %d message(s) to "
-                        "replay", len(self.gw.buffer))
+            if self._announced:  # not at the first connection after a quick start
+                log.warning("local mode ends: the backend is reachable again; %d message(s) "
+                            "to replay", len(self.gw.buffer))
+            self._announced = False
         else:
+            self._announced = True
             log.warning("local mode: %s; charge points are answered by the gateway, their "
                         "messages stored for the backend", reason)
         self.gw.uplink.republish_status()  # presence: "local_mode" in the retained status
