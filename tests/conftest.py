@@ -94,6 +94,18 @@ def tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def fill_disk(path: Path) -> None:
+    """Write zeros to ``path`` until its file system is full (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:  # ENOSPC: full
+        pass
+    finally:
+        os.close(fd)
+
+
 class Broker:
     """A real Mosquitto on 127.0.0.1:<port>; ``stop()``/``start()`` keep the port."""
 

@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import tmpfs
+from conftest import fill_disk, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,16 +237,6 @@ def tiny_fs(tmp_path):
         yield mnt
 
 
-def fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:  # ENOSPC: full
-        pass
-    finally:
-        os.close(fd)
-
 
 def test_full_disk_never_raises_and_resumes(tiny_fs):
     b = DiskBuffer(tiny_fs, 10**6, 10**9, spill_max=300)
@@ -262,7 +252,7 @@ def test_full_disk_never_raises_and_resumes(tiny_fs):
         put(i)
     assert b.write_errors == 0
     ballast = tiny_fs / "ballast"
-    fill(ballast)  # the disk is full now
+    fill_disk(ballast)  # the disk is full now
     for i in range(1000, 2000):
         put(i)
     assert b.write_errors > 0 and b.dropped > 0  # noticed, dropped by policy, went on

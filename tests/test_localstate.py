@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tmpfs
+from conftest import fill_disk, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st_
 
@@ -719,16 +719,6 @@ def tiny_fs(tmp_path):
         yield mnt
 
 
-def fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:  # ENOSPC: full
-        pass
-    finally:
-        os.close(fd)
-
 
 def test_a_full_disk_keeps_the_state_in_memory_and_resumes(tiny_fs, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
@@ -738,7 +728,7 @@ def test_a_full_disk_keeps_the_state_in_memory_and_resumes(tiny_fs, caplog):
     st.new_transaction_id("CP1")
     assert st.commit()
     ballast = tiny_fs / "ballast"
-    fill(ballast)  # the disk is full now
+    fill_disk(ballast)  # the disk is full now
     body = {"blob": "x" * 50_000}  # more than the log's free room: the disk must grow
     results = []
     for i in range(60):
