@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 from types import SimpleNamespace
 
@@ -366,34 +365,19 @@ def test_gateway_mqtt_socket_has_tcp_nodelay():
         assert asyncio.run(run()) != 0
 
 
-class _Answerer:
+class _Answerer(Backend):
     """A backend that answers every CALL from inside paho's callback (so its own answer
     is not held by Nagle behind its PUBACK: only the gateway's side is measured)."""
 
     def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
+        super().__init__(port, subscribe="ocpp/cp/+")
 
-        kw = {"client_id": f"answerer-{os.getpid()}-{time.monotonic_ns()}"}
-        self.client = (mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
-                       if hasattr(mqtt, "CallbackAPIVersion") else mqtt.Client(**kw))
-        ready = threading.Event()
-        self.client.on_message = self._answer
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.client.subscribe("ocpp/cp/+", 1)
-        assert ready.wait(5)
-
-    def _answer(self, client, userdata, msg) -> None:
+    def _on_message(self, client, userdata, msg) -> None:
         body = json.loads(msg.payload)
         if body.get("MessageTypeId") == 2:
             client.publish("ocpp/cs/" + msg.topic.rsplit("/", 1)[1], json.dumps({
                 "MessageTypeId": 3, "UniqueId": body["UniqueId"],
                 "Payload": {"currentTime": "2026-12-01T00:00:00Z"}}), qos=1)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def test_round_trips_through_stock_mosquitto_are_not_held_by_delayed_acks(broker,
