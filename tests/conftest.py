@@ -107,13 +107,25 @@ def fill_disk(path: Path) -> None:
 
 
 class Broker:
-    """A real Mosquitto on 127.0.0.1:<port>; ``stop()``/``start()`` keep the port."""
+    """A real Mosquitto on 127.0.0.1:<port>; ``stop()``/``start()`` keep the port.
 
-    def __init__(self, workdir: Path) -> None:
+    ``persistence=True``: Mosquitto writes its sessions and the messages queued for them
+    to ``workdir`` when stopped (SIGTERM) and reads them back when started, so a session
+    registered with ``keep_session`` misses nothing published while its client is away,
+    across a restart of the broker too. Tests whose gateway replays a backlog the moment
+    the broker comes back need that: a backend that connects only then would race the
+    replay.
+    """
+
+    def __init__(self, workdir: Path, persistence: bool = False) -> None:
         self.port = free_port()
+        self.persistence = persistence
         self.conf = workdir / "mosquitto.conf"
+        stored = (f"persistence true\npersistence_location {workdir}/\n"
+                  "user root\n"  # as root Mosquitto would write the store as 'mosquitto'
+                  if persistence else "persistence false\n")
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{stored}"
             "max_queued_messages 100000\n")
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
@@ -130,6 +142,19 @@ class Broker:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def keep_session(self, client_id: str, subscribe: str) -> None:
+        """Register ``client_id`` as a persistent session subscribed to ``subscribe``
+        (QoS 1): from now on the broker keeps what is published there for it until a
+        ``Backend(..., session=client_id)`` connects. Starts and stops the broker for
+        that when it is down."""
+        assert self.persistence, "keep_session needs Broker(..., persistence=True)"
+        was_down = self.proc is None
+        if was_down:
+            self.start()
+        Backend(self.port, subscribe=subscribe, session=client_id).close()
+        if was_down:
+            self.stop()
+
 
 @pytest.fixture
 def broker(tmp_path):
@@ -142,9 +167,13 @@ def broker(tmp_path):
 class Backend:
     """A paho client playing the CSMS: records what it receives, publishes commands."""
 
-    def __init__(self, port: int, subscribe: str = "ocpp/#") -> None:
+    def __init__(self, port: int, subscribe: str = "ocpp/#",
+                 session: str | None = None) -> None:
+        """``session``: connect as that persistent session (clean_session false), and
+        receive first what the broker kept for it (``Broker.keep_session``)."""
         self.messages: queue.Queue[tuple[str, dict | bytes]] = queue.Queue()
-        kw = {"client_id": f"test-backend-{os.getpid()}-{time.monotonic_ns()}"}
+        kw = {"client_id": session or f"test-backend-{os.getpid()}-{time.monotonic_ns()}",
+              "clean_session": session is None}
         if hasattr(mqtt, "CallbackAPIVersion"):
             self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
         else:

@@ -138,7 +138,9 @@ def test_two_charge_points_are_routed_by_id(gateway, backend):
 def test_gateway_runs_without_broker_and_delivers_once_it_appears(make_gateway, tmp_path):
     from conftest import Broker
 
-    broker = Broker(tmp_path)  # port reserved, not started
+    broker = Broker(tmp_path, persistence=True)  # port reserved, not started
+    # the broker keeps for the backend what the gateway replays before it subscribes
+    broker.keep_session("test-backend", "ocpp/#")
     gw = make_gateway(broker.port, SLOW_RETRY)
 
     async def send_while_down():
@@ -151,7 +153,7 @@ def test_gateway_runs_without_broker_and_delivers_once_it_appears(make_gateway, 
     gw.wait_log("cannot reach")
     broker.start()
     try:
-        be = Backend(broker.port)
+        be = Backend(broker.port, session="test-backend")
         try:
             ids = [be.expect("ocpp/cp/CPOFF", timeout=15)[1]["UniqueId"] for _ in range(5)]
             assert ids == [f"m{i}" for i in range(5)]  # all of them, in order
@@ -174,7 +176,7 @@ def test_daemon_is_single_threaded(gateway, backend):
 def test_broker_outage_mid_stream_loses_nothing_and_keeps_order(make_gateway, tmp_path):
     from conftest import Broker
 
-    broker = Broker(tmp_path)
+    broker = Broker(tmp_path, persistence=True)
     broker.start()
     # The buffer policy: during the outage nothing answers the Heartbeats, so the next
     # frame is the error (the local policy's answers: tests/test_offline.py).
@@ -193,12 +195,13 @@ def test_broker_outage_mid_stream_loses_nothing_and_keeps_order(make_gateway, tm
             ids = [be.expect("ocpp/cp/OUT")[1]["UniqueId"] for _ in range(20)]
             assert ids == [f"m{i}" for i in range(20)]
             be.close()
+            broker.keep_session("test-backend", "ocpp/#")  # the replay waits there for be2
             broker.stop()
             await send(ws, 20, 50)  # the charge point is still served while the broker is away
             await ws.send("garbage")
             assert json.loads(await asyncio.wait_for(ws.recv(), 5))[0] == 4
             broker.start()
-            be2 = Backend(broker.port)
+            be2 = Backend(broker.port, session="test-backend")
             try:
                 got = [(await in_thread(be2.expect, "ocpp/cp/OUT", 20))[1]["UniqueId"]
                        for _ in range(30)]

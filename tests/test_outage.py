@@ -12,8 +12,17 @@ import pytest
 import websockets
 from conftest import Backend, Broker, tmpfs
 
-# Retries 1-2 s apart, so the test's backend subscribes before the backlog is replayed.
 SLOW_RETRY = "mqtt.reconnect_delay_min = 2s\nmqtt.reconnect_delay_max = 2s\n"
+COLLECTOR = "test-collector"
+
+
+def broker_keeping_the_backlog(tmp_path) -> Broker:
+    """A broker, down, that keeps what the gateway publishes for ``collect``: the gateway
+    replays its backlog the moment the broker is back, before a backend connecting only
+    then could subscribe (conftest ``Broker.keep_session``)."""
+    broker = Broker(tmp_path, persistence=True)
+    broker.keep_session(COLLECTOR, "ocpp/#")
+    return broker
 
 
 def heartbeat(i: int) -> str:
@@ -35,7 +44,7 @@ async def send_all(url: str, frames: list[str], pause: float = 0.0) -> None:
 
 
 def collect(broker: Broker, topic: str, count: int, timeout: float = 30) -> list[str]:
-    be = Backend(broker.port)
+    be = Backend(broker.port, session=COLLECTOR)
     try:
         return [be.expect(topic, timeout)[1]["UniqueId"] for _ in range(count)]
     finally:
@@ -43,7 +52,7 @@ def collect(broker: Broker, topic: str, count: int, timeout: float = 30) -> list
 
 
 def test_kill_9_loses_nothing_committed(make_gateway, tmp_path):
-    broker = Broker(tmp_path)  # down for now: everything accumulates on disk
+    broker = broker_keeping_the_backlog(tmp_path)  # down: everything accumulates on disk
     gw = make_gateway(broker.port, SLOW_RETRY + "buffer.fsync_interval = 50ms\n"
                       # a frame every 2 ms: read at once, not paced by the rate limit
                       "ocpp.max_message_rate = 0\n")
@@ -107,7 +116,7 @@ def test_close_stations_policy(make_gateway, tmp_path):
 ])
 def test_overflow_policies_keep_transactions(make_gateway, tmp_path, policy,
                                              expected_heartbeats):
-    broker = Broker(tmp_path)
+    broker = broker_keeping_the_backlog(tmp_path)
     gw = make_gateway(broker.port, SLOW_RETRY + f"buffer.max_messages = 10\n"
                                                 f"buffer.overflow = {policy}\n")
     frames = [meter_values(i) for i in range(4)] + [heartbeat(i) for i in range(20)]
@@ -123,7 +132,7 @@ def test_overflow_policies_keep_transactions(make_gateway, tmp_path, policy,
 
 def test_full_filesystem_is_survived(make_gateway, tmp_path):
     with tmpfs(tmp_path / "tiny", "1m") as mnt:
-        broker = Broker(tmp_path)
+        broker = broker_keeping_the_backlog(tmp_path)
         gw = make_gateway(broker.port, SLOW_RETRY + f"buffer.dir = {mnt}\n")
         big = "x" * 2000
         frames = [f'[2,"d{i}","DataTransfer",{{"vendorId":"V","data":"{big}"}}]'
@@ -140,9 +149,7 @@ def test_full_filesystem_is_survived(make_gateway, tmp_path):
         assert asyncio.run(still_served()) == 4
         broker.start()
         try:
-            be = Backend(broker.port)
-            got = [be.expect("ocpp/cp/FULL", 30)[1]["UniqueId"] for _ in range(50)]
-            be.close()
+            got = collect(broker, "ocpp/cp/FULL", 50)
         finally:
             broker.stop()
         gw.stop()  # before the file system goes away
