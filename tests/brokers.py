@@ -17,14 +17,11 @@ the three (see the Makefile's ``brokers`` target).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import queue
 import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -33,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import paho.mqtt.client as mqtt
 import websockets
-from conftest import free_port, wait_for_port
+from conftest import Backend, free_port, wait_for_port
 
 USER = "ocpp-edge"
 PASSWORD = "s3cret-broker-pw"
@@ -317,101 +313,20 @@ def make_broker(kind: str, workdir: Path, tls: TlsFiles | None = None,
 
 # --- an MQTT client for the tests' backends ------------------------------------------------
 
-class Received(NamedTuple):
-    topic: str
-    body: dict | bytes  # JSON decoded when it is JSON
-    retain: bool
-    dup: bool  # the broker's redelivery of a message it sent before
-
-
-def paho_client(client_id: str, clean_session: bool = True) -> mqtt.Client:
-    kw = {"client_id": client_id, "clean_session": clean_session,
-          "protocol": mqtt.MQTTv311}
-    if hasattr(mqtt, "CallbackAPIVersion"):
-        return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
-    return mqtt.Client(**kw)
-
-
-class Client:
-    """A paho client with the broker's credentials, playing a backend: subscribes to
-    ``subscriptions`` (QoS 1), records what arrives, publishes, and reconnects by itself
-    (paho's loop) when the broker goes away. With ``clean_session=False`` its session and
-    subscriptions live on at the broker while it is away, as a backend's should."""
+class Client(Backend):
+    """A test backend (conftest.Backend) with the broker's credentials, on its TLS port with
+    ``tls``. With ``clean_session=False`` its session and subscriptions live on at the
+    broker while it is away, as a backend's should."""
 
     def __init__(self, broker: BrokerBase, subscriptions: list[str], *,
                  client_id: str | None = None, clean_session: bool = True,
                  answer=None, tls: bool = False) -> None:
-        self.client_id = client_id or f"test-be-{os.getpid()}-{time.monotonic_ns()}"
-        self.messages: queue.Queue[Received] = queue.Queue()
-        self.answer = answer  # (topic, body) -> (topic, body) | None, run on paho's thread
-        self.client = paho_client(self.client_id, clean_session)
-        self.client.username_pw_set(USER, PASSWORD)
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.subscriptions = subscriptions
-        self._subscribed: queue.Queue[list] = queue.Queue()
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
         if tls:
             assert broker.tls is not None and broker.tls_port is not None
-            self.client.tls_set_context(ssl.create_default_context(cafile=broker.tls.ca))
-        self.client.connect("127.0.0.1", broker.tls_port if tls else broker.port)
-        self.client.loop_start()
-        if subscriptions:
-            codes = self._subscribed.get(timeout=10)
-            assert all(c < 0x80 for c in codes), f"subscription refused: {codes}"
-
-    def _on_connect(self, client, userdata, flags, rc, properties=None) -> None:
-        if subscriptions := [(t, 1) for t in self.subscriptions]:
-            client.subscribe(subscriptions)
-
-    def _on_subscribe(self, client, userdata, mid, granted, properties=None) -> None:
-        self._subscribed.put([getattr(g, "value", g) for g in granted])
-
-    def _on_message(self, client, userdata, msg) -> None:
-        try:
-            body: dict | bytes = json.loads(msg.payload)
-        except ValueError:
-            body = msg.payload
-        self.messages.put(Received(msg.topic, body, bool(msg.retain), bool(msg.dup)))
-        if self.answer is not None and isinstance(body, dict):
-            reply = self.answer(msg.topic, body)
-            if reply is not None:
-                client.publish(reply[0], json.dumps(reply[1]), 1)
-
-    def expect(self, topic: str | None = None, timeout: float = 10.0,
-               where=lambda body: True) -> tuple[str, dict]:
-        """The next message on ``topic`` matching ``where`` (others are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no message on {topic!r} within {timeout} s")
-            try:
-                got_topic, body, _, _ = self.messages.get(timeout=left)
-            except queue.Empty:
-                continue
-            if (topic is None or got_topic == topic) and where(body):
-                return got_topic, body
-
-    def drain(self, wait: float = 0.0) -> list[Received]:
-        """Everything received so far (after ``wait`` seconds)."""
-        time.sleep(wait)
-        seen = []
-        while True:
-            try:
-                seen.append(self.messages.get_nowait())
-            except queue.Empty:
-                return seen
-
-    def publish(self, topic: str, body: dict | bytes | str, qos: int = 1,
-                retain: bool = False) -> None:
-        payload = json.dumps(body) if isinstance(body, dict) else body
-        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(10)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        super().__init__(broker.tls_port if tls else broker.port, subscriptions,
+                         session=None if clean_session else client_id, client_id=client_id,
+                         answer=answer, credentials=(USER, PASSWORD),
+                         tls_ca=broker.tls.ca if tls else None)
 
 
 def forget_session(broker: BrokerBase, client_id: str) -> None:

@@ -15,11 +15,13 @@ import queue
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -164,34 +166,78 @@ def broker(tmp_path):
     b.stop()
 
 
-class Backend:
-    """A paho client playing the CSMS: records what it receives, publishes commands."""
+class Received(NamedTuple):
+    """One message as a test backend got it."""
 
-    def __init__(self, port: int, subscribe: str = "ocpp/#",
-                 session: str | None = None) -> None:
-        """``session``: connect as that persistent session (clean_session false), and
-        receive first what the broker kept for it (``Broker.keep_session``)."""
-        self.messages: queue.Queue[tuple[str, dict | bytes]] = queue.Queue()
-        kw = {"client_id": session or f"test-backend-{os.getpid()}-{time.monotonic_ns()}",
-              "clean_session": session is None}
-        if hasattr(mqtt, "CallbackAPIVersion"):
-            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
-        else:
-            self.client = mqtt.Client(**kw)
-        subscribed = queue.Queue()
+    topic: str
+    body: dict | bytes  # JSON decoded when it is JSON
+    retain: bool
+    dup: bool  # the broker's redelivery of a message it sent before
+
+
+def paho_client(client_id: str, clean_session: bool = True) -> mqtt.Client:
+    """A paho 1.6 or 2.x client speaking MQTT 3.1.1 (the callbacks below take both
+    generations' arguments)."""
+    kw = {"client_id": client_id, "clean_session": clean_session, "protocol": mqtt.MQTTv311}
+    if hasattr(mqtt, "CallbackAPIVersion"):
+        return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
+    return mqtt.Client(**kw)
+
+
+class Backend:
+    """A paho client playing the CSMS: subscribes to ``subscribe`` (QoS 1, and again each
+    time paho's loop reconnects it), records what arrives, answers through ``answer`` when
+    given (``(topic, body) -> (topic, body) | None``, run on paho's thread, so that no
+    answer waits for the test), publishes commands.
+
+    ``session``: connect as that persistent session (clean_session false) and receive
+    first what the broker kept for it (``Broker.keep_session``). ``client_id``: a fixed id
+    with a clean session. ``credentials`` (user, password) and ``tls_ca`` (a CA file: the
+    port is then the broker's TLS port) for brokers that ask for them.
+    """
+
+    def __init__(self, port: int, subscribe: str | list[str] = "ocpp/#",
+                 session: str | None = None, *, client_id: str | None = None,
+                 answer=None, credentials: tuple[str, str] | None = None,
+                 tls_ca: str | None = None) -> None:
+        self.client_id = (session or client_id
+                          or f"test-backend-{os.getpid()}-{time.monotonic_ns()}")
+        self.subscriptions = [subscribe] if isinstance(subscribe, str) else list(subscribe)
+        self.answer = answer
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self._subscribed: queue.Queue[list[int]] = queue.Queue()
+        self.client = paho_client(self.client_id, clean_session=session is None)
+        if credentials:
+            self.client.username_pw_set(*credentials)
+        if tls_ca:
+            self.client.tls_set_context(ssl.create_default_context(cafile=tls_ca))
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: subscribed.put(True)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe(subscribe, qos=1)
-        subscribed.get(timeout=5)
+        if self.subscriptions:
+            codes = self._subscribed.get(timeout=10)
+            assert all(c < 0x80 for c in codes), f"subscription refused: {codes}"
+
+    def _on_connect(self, client, userdata, flags, rc, properties=None) -> None:
+        if self.subscriptions:
+            client.subscribe([(topic, 1) for topic in self.subscriptions])
+
+    def _on_subscribe(self, client, userdata, mid, granted, properties=None) -> None:
+        self._subscribed.put([getattr(g, "value", g) for g in granted])
 
     def _on_message(self, client, userdata, msg) -> None:
         try:
             body: dict | bytes = json.loads(msg.payload)
         except ValueError:
             body = msg.payload
-        self.messages.put((msg.topic, body))
+        self.messages.put(Received(msg.topic, body, bool(msg.retain), bool(msg.dup)))
+        if self.answer is not None and isinstance(body, dict):
+            reply = self.answer(msg.topic, body)
+            if reply is not None:
+                client.publish(reply[0], json.dumps(reply[1]), qos=1)
 
     def expect(self, topic: str | None = None, timeout: float = 10.0,
                where=lambda body: True) -> tuple[str, dict]:
@@ -202,31 +248,35 @@ class Backend:
             if left <= 0:
                 raise AssertionError(f"no message on {topic!r} within {timeout} s")
             try:
-                got_topic, body = self.messages.get(timeout=left)
+                got = self.messages.get(timeout=left)
             except queue.Empty:
                 continue
-            if (topic is None or got_topic == topic) and where(body):
-                return got_topic, body
+            if (topic is None or got.topic == topic) and where(got.body):
+                return got.topic, got.body
 
-    def nothing_on(self, topic_prefix: str, wait: float) -> list:
-        """Everything received under ``topic_prefix`` within ``wait`` seconds."""
+    def drain(self, wait: float = 0.0) -> list[Received]:
+        """Everything received and not yet taken (after ``wait`` seconds)."""
         time.sleep(wait)
         seen = []
         while True:
             try:
-                t, b = self.messages.get_nowait()
+                seen.append(self.messages.get_nowait())
             except queue.Empty:
                 return seen
-            if t.startswith(topic_prefix):
-                seen.append((t, b))
 
-    def publish(self, topic: str, body: dict | bytes | str, qos: int = 1) -> None:
+    def nothing_on(self, topic_prefix: str, wait: float) -> list:
+        """(topic, body) of everything received under ``topic_prefix`` within ``wait``
+        seconds."""
+        return [(m.topic, m.body) for m in self.drain(wait) if m.topic.startswith(topic_prefix)]
+
+    def publish(self, topic: str, body: dict | bytes | str, qos: int = 1,
+                retain: bool = False) -> None:
         payload = json.dumps(body) if isinstance(body, dict) else body
-        self.client.publish(topic, payload, qos=qos).wait_for_publish(5)
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(10)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 @pytest.fixture

@@ -370,14 +370,15 @@ class _Answerer(Backend):
     is not held by Nagle behind its PUBACK: only the gateway's side is measured)."""
 
     def __init__(self, port: int) -> None:
-        super().__init__(port, subscribe="ocpp/cp/+")
+        super().__init__(port, subscribe="ocpp/cp/+", answer=self._reply)
 
-    def _on_message(self, client, userdata, msg) -> None:
-        body = json.loads(msg.payload)
-        if body.get("MessageTypeId") == 2:
-            client.publish("ocpp/cs/" + msg.topic.rsplit("/", 1)[1], json.dumps({
-                "MessageTypeId": 3, "UniqueId": body["UniqueId"],
-                "Payload": {"currentTime": "2026-12-01T00:00:00Z"}}), qos=1)
+    @staticmethod
+    def _reply(topic: str, body: dict):
+        if body.get("MessageTypeId") != 2:
+            return None
+        return "ocpp/cs/" + topic.rsplit("/", 1)[1], {
+            "MessageTypeId": 3, "UniqueId": body["UniqueId"],
+            "Payload": {"currentTime": "2026-12-01T00:00:00Z"}}
 
 
 def test_round_trips_through_stock_mosquitto_are_not_held_by_delayed_acks(broker,

@@ -49,24 +49,23 @@ class AnsweringBackend(Backend):
     payload)`` (None: stay silent) and records everything it receives, in order."""
 
     def __init__(self, port: int, answer, session: str | None = None) -> None:
-        self.answer = answer
+        self.answer_call = answer
         self.log: list[tuple[str, dict]] = []
         self.calls: queue.Queue[dict] = queue.Queue()
         self._lock = threading.Lock()
-        super().__init__(port, subscribe="ocpp/cp/#", session=session)
+        super().__init__(port, subscribe="ocpp/cp/#", session=session, answer=self._reply)
 
-    def _on_message(self, client, userdata, msg) -> None:
-        body = json.loads(msg.payload)
+    def _reply(self, topic: str, body: dict):
         with self._lock:
-            self.log.append((msg.topic, body))
+            self.log.append((topic, body))
         if body.get("MessageTypeId") != 2:
-            return
+            return None
         self.calls.put(body)
-        cid = msg.topic.split("/")[2]
-        payload = self.answer(body["Action"], body["Payload"])
-        if payload is not None:
-            client.publish(f"ocpp/cs/{cid}", json.dumps(
-                {"MessageTypeId": 3, "UniqueId": body["UniqueId"], "Payload": payload}), qos=1)
+        payload = self.answer_call(body["Action"], body["Payload"])
+        if payload is None:
+            return None
+        return (f"ocpp/cs/{topic.split('/')[2]}",
+                {"MessageTypeId": 3, "UniqueId": body["UniqueId"], "Payload": payload})
 
     def next_call(self, action: str | None = None, timeout: float = 15.0) -> dict:
         deadline = time.monotonic() + timeout
