@@ -21,6 +21,7 @@ import asyncio
 import json
 import re
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -351,6 +352,7 @@ def backend_away(request) -> str:
 # --- many sites, one broker ------------------------------------------------------------
 
 SITES = ("site-a", "site-b")
+BACKEND_TIME = "2026-12-04T06:00:00Z"  # the backend's answer to every Heartbeat
 
 
 def answer_heartbeats(topic: str, body: dict):
@@ -360,7 +362,7 @@ def answer_heartbeats(topic: str, body: dict):
     if kind == "cp" and topic.count("/") == 3 and body.get("Action") == "Heartbeat":
         return (f"{site}/{mount}/cs/{level}",
                 {"MessageTypeId": 3, "UniqueId": body["UniqueId"],
-                 "Payload": {"currentTime": "2026-12-04T06:00:00Z"}})
+                 "Payload": {"currentTime": BACKEND_TIME}})
     return None
 
 
@@ -368,10 +370,14 @@ class SiteChargePoint:
     """A charge point that behaves as chargers do: it produces a Heartbeat every 20 ms,
     sends them one at a time, each after the previous was answered; while it cannot reach
     its gateway it keeps what it produced and tries again every 100 ms, then sends the
-    backlog, starting with the CALL whose answer it never got (same UniqueId)."""
+    backlog, starting with the CALL whose answer it never got (same UniqueId).
 
-    def __init__(self, url: str, prefix: str, count: int) -> None:
-        self.url, self.prefix, self.count = url, prefix, count
+    It produces ``count`` Heartbeats, and more until ``until`` is set: a slow machine
+    stretches the scenario, and the charge point still produces all through it."""
+
+    def __init__(self, url: str, prefix: str, count: int,
+                 until: threading.Event | None = None) -> None:
+        self.url, self.prefix, self.count, self.until = url, prefix, count, until
         self.produced_at: dict[int, float] = {}
         self.answered_at: dict[int, float] = {}
         self.resent: set[int] = set()
@@ -381,10 +387,13 @@ class SiteChargePoint:
         pending: list[int] = []
 
         async def produce():
-            for i in range(self.count):
+            i = 0
+            while i < self.count or (self.until is not None and not self.until.is_set()):
                 pending.append(i)
                 self.produced_at[i] = time.monotonic()
+                i += 1
                 await asyncio.sleep(0.02)
+            self.count = i
 
         producer = asyncio.create_task(produce())
         sent: set[int] = set()
@@ -412,6 +421,25 @@ class SiteChargePoint:
         await producer
 
 
+def backend_answers(url: str, site: str, tries: int = 3) -> None:
+    """Wait until a Heartbeat through ``url`` gets the backend's answer (its fixed
+    currentTime), not the gateway's local one (after ocpp.offline.answer_after, 10 s): the
+    whole path, gateway → broker → backend → broker → gateway, carries messages. The
+    probe's UniqueIds are no site's (``probe-``)."""
+    async def probe() -> list:
+        async with websockets.connect(f"{url}/PROBE", subprotocols=["ocpp1.6"]) as ws:
+            for n in range(tries):
+                await ws.send(json.dumps([2, f"probe-{site}-{n}", "Heartbeat", {}]))
+                reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if reply[2:] == [{"currentTime": BACKEND_TIME}]:
+                    return reply
+        return reply
+
+    reply = asyncio.run(probe())
+    assert reply[2:] == [{"currentTime": BACKEND_TIME}], (site, "no answer from the backend "
+                                                          f"in {tries} tries", reply)
+
+
 def test_many_sites_on_one_broker(mqtt_broker, make_gateway):
     """README "Many sites, one broker": two sites, each a gateway with its own client id and
     mountpoint, the same charge point id at both; the backend consumes every site through
@@ -431,19 +459,28 @@ def test_many_sites_on_one_broker(mqtt_broker, make_gateway):
                                f"ocpp.mountpoint = {site}/ocpp/\n"
                                "ocpp.upstream.status_topic = sys/${node}/status\n", site)
            for site in SITES}
-    cps = {site: SiteChargePoint(f"{gw.url}/CP001", site, 100) for site, gw in gws.items()}
+    for site, gw in gws.items():
+        backend_answers(gw.url, site)
+    restarted = threading.Event()  # both charge points produce until site A is back
+    cps = {site: SiteChargePoint(f"{gw.url}/CP001", site, 100, restarted)
+           for site, gw in gws.items()}
     restart: dict[str, float] = {}
 
     def restart_site_a():
-        while len(cps["site-a"].answered_at) < 30:
-            time.sleep(0.01)
-        restart["stop"] = time.monotonic()
-        gws["site-a"].stop()
-        restart["stopped"] = time.monotonic()
-        time.sleep(0.5)  # the charge point produces meanwhile, and cannot send
-        gws["site-a"].start()
-        gws["site-a"].wait_log("subscribed to", timeout=15)
-        restart["back"] = time.monotonic()
+        try:
+            deadline = time.monotonic() + 60
+            while len(cps["site-a"].answered_at) < 30 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            restart["stop"] = time.monotonic()
+            gws["site-a"].stop()
+            restart["stopped"] = time.monotonic()
+            time.sleep(0.5)  # the charge point produces meanwhile, and cannot send
+            gws["site-a"].start()
+            gws["site-a"].wait_log("subscribed to", timeout=15)
+            restart["back"] = time.monotonic()
+            time.sleep(0.3)  # and a little after
+        finally:
+            restarted.set()
 
     async def scenario():
         await asyncio.gather(*(cp.run() for cp in cps.values()),
@@ -461,17 +498,23 @@ def test_many_sites_on_one_broker(mqtt_broker, make_gateway):
             c.close()
 
     everything = [m for got in received for m in got]
+    # what a failure below says besides its own values
+    per_consumer = {site: [sum(uid.startswith(f"{site}-") for t, uid in got)
+                           for got in received] for site in SITES}
+    summary = (f"CALLs per site per consumer {per_consumer}, produced "
+               f"{ {site: cp.count for site, cp in cps.items()} }, restart {restart}")
     if shared:  # the group shares the load: both consumers got some, none got all
         assert all(got for got in received), [len(got) for got in received]
     for site, cp in cps.items():
         topic = f"{site}/ocpp/cp/CP001"
         mine = [uid for t, uid in everything if uid.startswith(f"{site}-")]
-        assert {t for t, uid in everything if uid.startswith(f"{site}-")} == {topic}, site
+        assert {t for t, uid in everything if uid.startswith(f"{site}-")} == {topic}, \
+            (site, summary)
         counts = Counter(mine)
         ids = [int(uid.rsplit("-", 1)[1]) for uid in dict.fromkeys(
             uid for got in received for t, uid in got if uid.startswith(f"{site}-"))]
         missing = sorted(set(range(cp.count)) - set(ids))
-        assert missing == [] and len(ids) == cp.count, (site, missing)  # every one arrived
+        assert missing == [] and len(ids) == cp.count, (site, missing, summary)  # all came
         # Once: the shared group delivers each message to one consumer; a CALL published
         # twice is one the charge point sent again because its answer was lost.
         twice = {int(u.rsplit("-", 1)[1]) for u, n in counts.items() if n > 1}
