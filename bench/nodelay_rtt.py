@@ -17,35 +17,22 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+import harness as h
 import paho.mqtt
 import paho.mqtt.client as mqtt
+from harness import ROOT
 from tornado.websocket import websocket_connect
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing on port {port}")
+def wait_port(port: int) -> None:
+    if not h.wait_port(port, 10.0):
+        raise TimeoutError(f"nothing on port {port}")
 
 
 class Backend:
@@ -93,7 +80,7 @@ async def charge_point(url: str, calls: int) -> list[float]:
 
 
 def run(mosquitto: str, nodelay: bool, protocol: str, calls: int, work: str) -> list[float]:
-    mport, wsport = free_port(), free_port()
+    mport, wsport = h.free_port(), h.free_port()
     conf = os.path.join(work, f"mosquitto-{mport}.conf")
     with open(conf, "w") as f:
         f.write(f"listener {mport} 127.0.0.1\nallow_anonymous true\npersistence false\n"
