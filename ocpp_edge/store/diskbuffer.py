@@ -28,7 +28,9 @@ How:
   The table stays the truth: anything unusual (a rewind, a drop, a failed write) empties
   the queue. While the disk refuses writes, records are served from memory (the spill).
 * ``ack`` marks a record delivered; the contiguous acked prefix is DELETEd (a range delete)
-  in the next commit. ``rewind`` makes everything in flight unsent again.
+  in the next commit. A record acknowledged ahead of an older one in flight (the offline
+  gate lets a charge point's messages pass another's held one) is DELETEd at once by its
+  seq. ``rewind`` makes everything in flight and not acknowledged unsent again.
 * Full (``max_messages`` / ``max_bytes``): ``drop_oldest`` removes the oldest unsent
   message, ``drop_newest`` refuses the newcomer; transaction messages (flag ``important``)
   are dropped only when no other message could be.
@@ -125,6 +127,9 @@ class DiskBuffer:
         self._next_seq = last_seq + 1
         self._cursor = 0  # every row with seq ≤ cursor has been handed out (or acked)
         self._in_flight: deque[Record] = deque()
+        # seqs in flight acknowledged ahead of an older one, already out of the table and
+        # the counts (see ack)
+        self._acked_early: set[int] = set()
         self._uncommitted: list[Record] = []  # appended since the last good commit
         self._pending: list[Record] = []  # appended, not INSERTed yet (see _flush)
         self._spill: deque[Record] = deque()  # appended while the disk refuses writes
@@ -201,7 +206,7 @@ class DiskBuffer:
 
     @property
     def unsent(self) -> int:
-        return self._count - len(self._in_flight)
+        return self._count - (len(self._in_flight) - len(self._acked_early))
 
     def append(self, topic: str, payload: bytes, important: bool = False) -> Record | None:
         """Store a message; returns its record, or None if the overflow policy dropped it.
@@ -289,14 +294,41 @@ class DiskBuffer:
 
     def ack(self, rec: Record) -> None:
         """The broker acknowledged ``rec``: it leaves the table at the next commit."""
+        if rec.acked:
+            return
         rec.acked = True
         flight = self._in_flight
+        if flight and flight[0] is not rec:
+            if flight[0].seq < rec.seq <= flight[-1].seq:  # in flight (seqs increase)
+                self._ack_early(rec)
+            return
+        early = self._acked_early
         while flight and flight[0].acked:
             head = flight.popleft()
+            self._delete_upto = head.seq
+            if early and head.seq in early:
+                early.discard(head.seq)  # counted out when it was acknowledged
+                continue
             self._count -= 1
             self.bytes -= head.size
-            self._delete_upto = head.seq
-            self._touch()
+        self._touch()
+
+    def _ack_early(self, rec: Record) -> None:
+        """``rec`` was acknowledged while an older record is still in flight: the offline
+        gate (store/gate.py) lets one charge point's messages pass another's held one. It
+        leaves the table now, not with the acknowledged prefix, so that neither a rewind
+        nor a restart hands it out again (each would publish it twice); it stays in
+        flight, already counted out, until the prefix reaches it."""
+        self._acked_early.add(rec.seq)
+        self._dropped.add(rec.seq)  # a failed commit must not bring it back
+        if not self._failing:
+            try:
+                self._db.execute("DELETE FROM msg WHERE seq = ?", (rec.seq,))
+            except sqlite3.Error as exc:
+                self._write_failed(exc)
+        self._count -= 1
+        self.bytes -= rec.size
+        self._touch()
 
     def dead_letter(self, rec: Record, reason: str) -> bool:
         """Give up on ``rec`` (handed out by ``take``, not acknowledged): it moves to the
@@ -331,17 +363,18 @@ class DiskBuffer:
     def rewind(self) -> int:
         """The connection dropped: everything in flight becomes unsent again, in order."""
         self._forget_ahead()
-        n = len(self._in_flight)
-        if n:
+        n = len(self._in_flight) - len(self._acked_early)
+        if self._in_flight:
             first = self._in_flight[0].seq
             self._cursor = first - 1
             if self._failing and self._uncommitted:
                 # records not in the table (appended since the last good commit) go back
                 # to the spill; the table's are read again from the cursor
                 oldest = self._uncommitted[0].seq
-                back = [r for r in self._in_flight if r.seq >= oldest]
+                back = [r for r in self._in_flight if r.seq >= oldest and not r.acked]
                 self._spill.extendleft(reversed(back))
             self._in_flight.clear()
+            self._acked_early.clear()  # out of the table and the counts already
         return n
 
     def _forget_ahead(self) -> None:
