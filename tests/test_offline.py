@@ -450,6 +450,20 @@ def test_silent_backend_answer_after_then_at_once_until_heard(make_gateway, tmp_
     assert text.count("local mode ends") == 1
 
 
+def test_a_clean_stop_is_not_logged_as_local_mode(make_gateway, tmp_path):
+    broker = Broker(tmp_path)
+    broker.start()
+    try:
+        gw = make_gateway(broker.port)
+        gw.wait_log("subscribed to ocpp/cs/+")
+        assert gw.stop() == 0
+    finally:
+        broker.stop()
+    text = gw.log_text()
+    assert "MQTT disconnected" in text and "stopped" in text
+    assert "local mode" not in text  # the gateway's own disconnect at shutdown is no outage
+
+
 # -- a backend that never answers the replayed StartTransaction ----------------------------
 
 def test_hold_timeout_publishes_with_the_local_id(make_gateway, tmp_path):

@@ -232,6 +232,7 @@ class Gateway:
     async def stop(self) -> None:
         self.ops.stop()
         if self.local is not None:
+            self.local.stopping()
             self.local.flush()  # local answers waiting for their commit go out first
         for listener in self.listeners:
             if listener.server is not None:
