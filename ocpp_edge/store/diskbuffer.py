@@ -320,14 +320,20 @@ class DiskBuffer:
         nor a restart hands it out again (each would publish it twice); it stays in
         flight, already counted out, until the prefix reaches it."""
         self._acked_early.add(rec.seq)
-        self._dropped.add(rec.seq)  # a failed commit must not bring it back
+        self._remove_now(rec.seq, rec.size)
+
+    def _remove_now(self, seq: int, size: int) -> None:
+        """The stored message ``seq`` leaves the table now (in the open transaction) and
+        the counts, outside the acknowledged prefix: acknowledged early, dead-lettered or
+        dropped by policy. A failed commit deletes it again (``_dropped``)."""
+        self._dropped.add(seq)
         if not self._failing:
             try:
-                self._db.execute("DELETE FROM msg WHERE seq = ?", (rec.seq,))
+                self._db.execute("DELETE FROM msg WHERE seq = ?", (seq,))
             except sqlite3.Error as exc:
                 self._write_failed(exc)
         self._count -= 1
-        self.bytes -= rec.size
+        self.bytes -= size
         self._touch()
 
     def dead_letter(self, rec: Record, reason: str) -> bool:
@@ -349,15 +355,7 @@ class DiskBuffer:
         except ValueError:
             pass
         self._forget_ahead()
-        self._dropped.add(rec.seq)
-        if not self._failing:
-            try:
-                self._db.execute("DELETE FROM msg WHERE seq = ?", (rec.seq,))
-            except sqlite3.Error as exc:
-                self._write_failed(exc)
-        self._count -= 1
-        self.bytes -= rec.size
-        self._touch()
+        self._remove_now(rec.seq, rec.size)
         return True
 
     def rewind(self) -> int:
@@ -406,15 +404,7 @@ class DiskBuffer:
             if rec.seq == seq:
                 rec.acked = True  # never written again after a failed commit
                 break
-        self._dropped.add(seq)
-        if not self._failing:
-            try:
-                self._db.execute("DELETE FROM msg WHERE seq = ?", (seq,))
-            except sqlite3.Error as exc:
-                self._write_failed(exc)
-        self._count -= 1
-        self.bytes -= size
-        self._touch()
+        self._remove_now(seq, size)
         self._count_drop(topic)
         return True
 
