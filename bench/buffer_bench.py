@@ -57,7 +57,7 @@ from harness import LOAD_CPU, ROOT, SUT_CPU
 
 
 # ============================================================ the driver
-class Driver:
+class Driver(h.DriverBase):
     def __init__(self, args, tmp, kids):
         self.a = args
         self.tmp = tmp
@@ -65,14 +65,6 @@ class Driver:
         self.report = {**h.report_head(" ".join(["python", "bench/buffer_bench.py",
                                                   *sys.argv[1:]]), args.mosquitto),
                        "interpreters": {}}
-
-    def log(self, text):
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-    def quiet(self):
-        if self.a.quiet_wait > 0:
-            return h.wait_quiet([SUT_CPU, LOAD_CPU], self.a.quiet_wait)
-        return None
 
     # -- processes -------------------------------------------------------------------------
     def mosquitto(self, name):

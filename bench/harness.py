@@ -203,6 +203,20 @@ def raise_nofile(need=None):
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+# ----------------------------------------------------------------------------- drivers
+class DriverBase:
+    """What every benchmark driver does alike; ``self.a`` holds its parsed arguments."""
+
+    def log(self, text):
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def quiet(self):
+        """Wait (at most --quiet-wait s) for 1 s in which both CPUs are < 10 % busy."""
+        if self.a.quiet_wait > 0:
+            return wait_quiet([SUT_CPU, LOAD_CPU], self.a.quiet_wait)
+        return None
+
+
 # ----------------------------------------------------------------------------- ports, brokers
 def free_port():
     with socket.socket() as s:

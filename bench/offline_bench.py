@@ -414,7 +414,7 @@ def tree_hash(src):
     return digest.hexdigest()[:12]
 
 
-class Driver:
+class Driver(h.DriverBase):
     def __init__(self, args, tmp, kids):
         self.a, self.tmp, self.kids = args, tmp, kids
         self.src = h.ROOT
@@ -430,15 +430,6 @@ class Driver:
         if not ok:
             raise RuntimeError(f"the gateway cannot run from {self.src}: {why}")
         self.report["source"]["ocpp_edge_tree_sha256"] = tree_hash(self.src)
-
-    def log(self, text):
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-    def quiet(self):
-        """Wait (at most --quiet-wait s) for 1 s in which both CPUs are < 10 % busy."""
-        if self.a.quiet_wait > 0:
-            return h.wait_quiet([SUT_CPU, LOAD_CPU], self.a.quiet_wait)
-        return None
 
     # -- processes -------------------------------------------------------------------------
     def gateway(self, name, mqtt_port, policy, extra=()):
