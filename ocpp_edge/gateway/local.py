@@ -73,7 +73,6 @@ class LocalMode:
         self.last_heard = float("-inf")  # loop time of the last message from the backend
         self.since = time.time()  # of the current state (local mode or not)
         self._announced = False  # "local mode: ..." was logged and not yet ended
-        self._stopping = False  # the gateway shuts down: its own disconnect is no news
         self._answers: list[tuple[Session, str]] = []  # frames waiting for the commit
         self._waiting: set[str] = set()  # charge points with frames in _answers
         self._flush_handle: asyncio.Handle | None = None
@@ -112,11 +111,6 @@ class LocalMode:
             self._flush_handle.cancel()
         self._flush()
 
-    def stopping(self) -> None:
-        """The gateway is shutting down: the uplink's disconnect that follows is not a
-        local mode (no warning, no status republished on a closing link)."""
-        self._stopping = True
-
     def stop(self) -> None:
         for handle in (self._flush_handle, self._commit_handle, self._hold_handle,
                        self._prune_handle):
@@ -149,7 +143,7 @@ class LocalMode:
         return self.offline.active
 
     def link(self, up: bool) -> None:
-        if self.offline.link(up) and not self._stopping:
+        if self.offline.link(up):
             self._changed()
 
     def _changed(self) -> None:

@@ -104,6 +104,7 @@ class Gateway:
         self.buffer = DiskBuffer(b.dir, b.max_messages, b.max_bytes, b.overflow)
         self.buffer.on_dirty = self._schedule_commit
         self._commit_handle: asyncio.TimerHandle | None = None
+        self._stopping = False  # stop() began
         self._last_commit = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         # Told when a charge point comes or goes or the upstream link changes (STATUS=).
@@ -231,8 +232,8 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ops.stop()
+        self._stopping = True  # the uplink's own disconnect that follows is no outage
         if self.local is not None:
-            self.local.stopping()
             self.local.flush()  # local answers waiting for their commit go out first
         for listener in self.listeners:
             if listener.server is not None:
@@ -536,6 +537,9 @@ class Gateway:
 
     def _upstream_state(self, up: bool) -> None:
         self.ops.upstream_state(up)
+        if self._stopping:  # no local mode, no closing of stations: the gateway stops
+            self.on_change()
+            return
         if self.local is not None:
             self.local.link(up)
         self.on_change()
